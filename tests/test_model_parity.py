@@ -101,6 +101,19 @@ def test_logits_match_transformers(model, reference, name):
     assert diff <= FP32_TOL
 
 
+@pytest.mark.parametrize("name", ["two_videos", "padded_batch_left"])
+def test_query_chunked_attention_matches_transformers(cfg, state_dict, reference, name):
+    # chunks of 7 query rows: several chunks, the last one padded (no case is a multiple of 7)
+    c = config_lib.get_config("tiny")
+    c.attn_query_chunk = 7
+    inp = _inputs(name)
+    assert inp["input_ids"].shape[1] % 7
+    out = model_lib.forward(hf_io.from_state_dict(c, state_dict), **inp)
+    diff = float(np.abs(out - reference(name)).max())
+    print(f"{name} chunked: max |logit diff| = {diff:.3g}")
+    assert diff <= FP32_TOL
+
+
 @pytest.mark.parametrize("name", ["one_image", "two_videos", "padded_batch_right",
                                   "padded_batch_left", "text_only"])
 def test_get_rope_index_matches_transformers(cfg, hf_model, name):

@@ -74,8 +74,11 @@ def test_logits_at_and_prefix_attention_match_the_full_call(scan):
     assert part.shape == (B, 2, m.config.text.vocab_size)
     want = np.take_along_axis(np.asarray(full), np.asarray(at)[:, :, None], axis=1)
     np.testing.assert_allclose(np.asarray(part), want, atol=1e-5, rtol=1e-5)
-    np.testing.assert_array_equal(np.asarray(cache_part.k), np.asarray(cache_full.k))
-    np.testing.assert_array_equal(np.asarray(cache_part.v), np.asarray(cache_full.v))
+    # layer 0's keys and values do not depend on attention: bit-equal; later layers' come from a
+    # shorter reduction over keys whose weights are exactly 0: equal up to float rounding
+    for a, b in ((cache_part.k, cache_full.k), (cache_part.v, cache_full.v)):
+        np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     # per-layer switch over cache prefixes: the bucket holding slot 14 (16) gives the same result
     m2 = functools.partial(_call_prefixes, state, graphdef, ids, pos, full_mask, _cache(m), start)
     for need in (15, 3):  # a fitting bucket, and one too short: shows the switch is taken
@@ -89,7 +92,7 @@ def test_logits_at_and_prefix_attention_match_the_full_call(scan):
         assert close == (need == 15)
     # only each row's S new slots changed
     before = np.asarray(_cache(m).k)
-    changed = np.any(np.asarray(cache_full.k) != before, axis=(0, 3, 4))  # [b, max_len]
+    changed = np.any(np.asarray(cache_full.k) != before, axis=(0, 2, 4))  # [b, max_len]
     for i, s0 in enumerate(np.asarray(start)):
         np.testing.assert_array_equal(np.nonzero(changed[i])[0], np.arange(s0, s0 + S))
 

@@ -128,7 +128,10 @@ def main(argv=None) -> int:
         prompt = len(chat.tokenize_segments(tok, protocol.prompt_segments("x" * 60, pcfg),
                                             eng.tokens_per_frame).ids)
         need = prompt + turns * args.turn_tokens + k * eng.resp_len + 1
-        scfg.max_len = int(-(-max(need, 256 + args.turn_tokens + 1) // 64) * 64)
+        # one prompt bucket that fits the prompt (rounded up to 64), like a sized config
+        scfg.prompt_buckets = (int(-(-prompt // 64) * 64),)
+        scfg.max_len = int(-(-max(need, scfg.prompt_buckets[0] + args.turn_tokens + 1) // 64)
+                           * 64)
         eng = engine.RolloutEngine(model, cfg, tok, pcfg, scfg, frame)
     rng = np.random.default_rng(0)
     banks = rng.integers(0, 256, (args.batch, pcfg.total_frames) + frame + (3,), np.uint8)

@@ -89,6 +89,10 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     c.param_dtype = "float32"  # parameter storage dtype: 'float32' | 'bfloat16'
     c.remat = False  # rematerialise each decoder / vision block in the backward pass
     c.scan_layers = False  # stack decoder layers and run them with nnx.scan (faster compile)
+    # decoder attention computes the float32 scores this many query rows at a time (0 = all at
+    # once): bounds activation memory of long prefills and learner steps, and keeps a chunk of
+    # scores in cache on CPU (models/text.py `attend`)
+    c.attn_query_chunk = 64
     return c
 
 

@@ -20,7 +20,11 @@ from vrthinker_jax.models.vision import VisionTower
 
 @flax.struct.dataclass
 class KVCache:
-    """k, v: [layers, batch, max_len, kv_heads, head_dim]."""
+    """k, v: [layers, batch, kv_heads, max_len, head_dim].
+
+    Heads before slots so attention reads each layer's keys in the layout its batched matmuls
+    want: with slots before heads every decode step transposed (copied) the whole cache prefix.
+    """
 
     k: jax.Array
     v: jax.Array
@@ -29,7 +33,7 @@ class KVCache:
 def init_cache(cfg, batch: int, max_len: int, dtype=None) -> KVCache:
     """An all-zero cache; dtype defaults to the compute dtype."""
     t = cfg.text
-    shape = (t.num_hidden_layers, batch, max_len, t.num_key_value_heads, t.head_dim)
+    shape = (t.num_hidden_layers, batch, t.num_key_value_heads, max_len, t.head_dim)
     dt = dtype_of(dtype if dtype is not None else cfg.dtype)
     return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
 
@@ -101,10 +105,11 @@ class Qwen25VL(nnx.Module):
         self.visual = VisionTower(cfg, rngs=rngs)
         self.embed_tokens = param(rngs, (tc.vocab_size, tc.hidden_size), ("vocab", "embed"), pdt)
         kw = dict(dtype=self.dtype, param_dtype=pdt)
+        lkw = dict(kw, query_chunk=int(cfg.get("attn_query_chunk", 0)))
         if self.scan_layers:
-            self.layers = _stacked_layers(tc, rngs, kw)
+            self.layers = _stacked_layers(tc, rngs, lkw)
         else:
-            self.layers = nnx.List([DecoderLayer(tc, rngs=rngs, **kw)
+            self.layers = nnx.List([DecoderLayer(tc, rngs=rngs, **lkw)
                                     for _ in range(tc.num_hidden_layers)])
         self.norm = RMSNorm(tc.hidden_size, tc.rms_norm_eps, **kw)
         self.lm_head = (None if tc.tie_word_embeddings else
@@ -156,9 +161,9 @@ class Qwen25VL(nnx.Module):
         mask = attn_mask.astype(bool)
         if cache is not None:
             cache_index = jnp.asarray(cache_index, jnp.int32)
-            if mask.shape[-1] > cache.k.shape[2]:
+            if mask.shape[-1] > cache.k.shape[3]:
                 raise ValueError(f"attn_mask covers {mask.shape[-1]} keys but the cache has "
-                                 f"{cache.k.shape[2]} slots")
+                                 f"{cache.k.shape[3]} slots")
             if kv_prefixes is not None:
                 kv_prefixes = tuple(int(n) for n in kv_prefixes)
                 if (list(kv_prefixes) != sorted(set(kv_prefixes))

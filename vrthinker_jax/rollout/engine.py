@@ -164,7 +164,8 @@ class RolloutEngine:
             vocab_limit=(int(tokenizer.vocab_size)
                          if sampling_cfg.get("restrict_to_tokenizer_vocab", True) else 0),
         )
-        self.decode_fn, self.insert_fn, self.finish_fn = sampler.compiled(self.static)
+        self.decode_fn, self.insert_fn, self.finish_fn = sampler.compiled(self.static,
+                                                                          self.graphdef)
         # wall seconds and calls per phase, accumulated over rollouts (benchmarks read these)
         self.stats = {"decode_s": 0.0, "insert_s": 0.0, "decode_calls": 0, "insert_calls": 0}
 
@@ -310,7 +311,7 @@ class RolloutEngine:
             raise ValueError(f"prompt shows {n_frames} frames, more than memory_window")
         seg = self._segment(toks, length, n_frames, np.zeros(len(toks), np.int32))
         t0 = time.perf_counter()
-        state = self.insert_fn(self.graphdef, self.params, state, bank, self._put_segment(seg))
+        state = self.insert_fn(self.params, state, bank, self._put_segment(seg))
         jax.block_until_ready(state.cache_index)
         self.stats["insert_s"] += time.perf_counter() - t0
         self.stats["insert_calls"] += 1
@@ -333,7 +334,7 @@ class RolloutEngine:
         self._check_banks(banks, b)
         bank = self._batch_put(banks)
         state, toks = self._prefill(self._new_state(b, rng), bank, segs_per_row)
-        state = self.decode_fn(self.graphdef, self.params, state)
+        state = self.decode_fn(self.params, state)
         tokens, kind, n = jax.device_get((state.tokens, state.kind, state.cache_index))
         return [tokens[i, : n[i]][kind[i, : n[i]] == sampler.GENERATED] for i in range(b)]
 
@@ -382,7 +383,7 @@ class RolloutEngine:
         finished = np.zeros(b, bool)
         while not finished.all():
             t0 = time.perf_counter()
-            state = self.decode_fn(self.graphdef, self.params, state)
+            state = self.decode_fn(self.params, state)
             status, cache_index, next_pos, tokens = jax.device_get(
                 (state.status, state.cache_index, state.next_pos, state.tokens)
             )
@@ -437,7 +438,7 @@ class RolloutEngine:
                 seg = self._segment(responses, self.resp_len, self.pcfg.max_frames_per_call,
                                     next_pos)
                 t0 = time.perf_counter()
-                state = self.insert_fn(self.graphdef, self.params, state, bank,
+                state = self.insert_fn(self.params, state, bank,
                                        self._put_segment(seg))
                 jax.block_until_ready(state.cache_index)
                 self.stats["insert_s"] += time.perf_counter() - t0

@@ -93,7 +93,7 @@ class FrameMemory:
 class RolloutState:
     """All per-row rollout state; S = max_len + scratch slots."""
 
-    cache: object  # the model's KVCache, leaves [layers, b, S, kv_heads, head_dim]
+    cache: object  # the model's KVCache, leaves [layers, b, kv_heads, S, head_dim]
     cache_index: jax.Array  # int32 [b] next free slot
     next_pos: jax.Array  # int32 [b] M-RoPE position of the next text token
     written: jax.Array  # bool [b, S] slot holds a real token
@@ -455,12 +455,15 @@ def finish_rows(state: RolloutState, rows: jax.Array) -> RolloutState:
 
 
 @functools.cache
-def compiled(st: Static):
-    """The jitted (decode, insert, finish_rows) functions for one static configuration.
+def compiled(st: Static, graphdef):
+    """The jitted (decode(params, state), insert(params, state, bank, seg), finish_rows(state,
+    rows)) functions for one static configuration and model structure.
 
-    graphdef is static; the state is donated so the cache is updated in place.
+    graphdef is bound here rather than passed as a static argument: jit would hash the whole
+    module graph on every call (milliseconds per call, a large share of a tiny model's rollout).
+    The state is donated so the cache is updated in place.
     """
-    dec = jax.jit(functools.partial(decode, st=st), static_argnums=(0,), donate_argnums=(2,))
-    ins = jax.jit(functools.partial(insert, st=st), static_argnums=(0,), donate_argnums=(2,))
+    dec = jax.jit(functools.partial(decode, graphdef, st=st), donate_argnums=(1,))
+    ins = jax.jit(functools.partial(insert, graphdef, st=st), donate_argnums=(1,))
     fin = jax.jit(finish_rows, donate_argnums=(0,))
     return dec, ins, fin

@@ -623,7 +623,7 @@ def plan_rollout(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int,
     h, w = (int(x) for x in cfg.data.frame_size)
     tpf = sampler.frame_bank.PatchSpec.from_model_config(mcfg).tokens_per_frame(h, w)
     st = rollout_static(cfg, scratch=response_len_estimate(cfg, tpf))
-    dec, ins, _ = sampler.compiled(st)
+    dec, ins, _ = sampler.compiled(st, graphdef)
 
     # the engine's layout: every state array split over the batch axes (the cache and
     # positions at dim 1), the key replicated; params by their logical axes
@@ -663,7 +663,7 @@ def plan_rollout(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int,
     pkw = dict(batch=b, seg_len=r, kv_len=kv, frames=nf, frame_size=(h, w))
     if "prefill" in programs:
         t0 = time.perf_counter()
-        c_ins = ins.lower(graphdef, params, state, bank, seg).compile()
+        c_ins = ins.lower(params, state, bank, seg).compile()
         out.append(_step_plan(
             "rollout prefill", f"{b} x {r} tok, {nf} frames; KV {kv}", c_ins,
             prefill_flops(mcfg, **pkw), chip, n_chips, t0,
@@ -674,7 +674,7 @@ def plan_rollout(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int,
         ))
     if "decode" in programs:
         t0 = time.perf_counter()
-        c_dec = dec.lower(graphdef, params, state).compile()
+        c_dec = dec.lower(params, state).compile()
         out.append(_step_plan(
             "rollout decode", f"{b} rows x 1 tok; KV {kv}", c_dec,
             decode_flops(mcfg, batch=b, kv_len=kv), chip, n_chips, t0,

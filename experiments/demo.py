@@ -559,15 +559,24 @@ def main(argv=None) -> int:
                    help="output directory (default: runs/demo-<UTC time>; must be new or empty)")
     p.add_argument("--seed", type=int, default=None, help="override the config's seed")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of experiments/configs/demo.py (e.g. sft.steps=600); "
+                        "repeatable")
     args = p.parse_args(argv)
 
     from experiments.configs import demo as demo_configs
+    from vrthinker_jax import cli
 
     demo = demo_configs.get_config("quick" if args.quick else "default")
     if args.seed is not None:
         demo.seed = args.seed
     if args.no_progress:
         demo.progress = False
+    try:
+        cli.apply_overrides(demo, args.set)
+    except cli.CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = args.out or os.path.join("runs", "demo-" + time.strftime("%Y%m%d-%H%M%S",
                                                                     time.gmtime()))
     if os.path.isdir(out) and os.listdir(out):

@@ -111,6 +111,14 @@ def test_demo_refuses_a_non_empty_out_dir(tmp_path, capsys):
     assert "not empty" in err and (tmp_path / "x").read_text() == "keep me"
 
 
+def test_demo_rejects_an_unknown_override(tmp_path, capsys):
+    from experiments import demo
+
+    assert demo.main(["--quick", "--out", str(tmp_path / "o"), "--set", "sft.stepz=3"]) == 2
+    assert "config has no field 'stepz'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_demo_configs_and_direct_answer_traces():
     from experiments import demo
     from experiments.configs import demo as demo_configs

@@ -42,8 +42,16 @@ def test_released_7b_size():
 
 
 def test_text_forward_flops_match_xla_cost_analysis():
-    # the decoder forward (no frames) of the tiny model: analytic vs XLA's HLO cost analysis
-    cfg = model_config.get_config("tiny")
+    # the decoder forward (no frames) of the tiny model: analytic vs XLA's HLO cost analysis,
+    # dense attention and query-chunked (a loop whose body XLA counts once)
+    for chunk in (0, 64):
+        cfg = model_config.get_config("tiny")
+        cfg.attn_query_chunk = chunk
+        _check_forward_flops(cfg, attn_trips=plan.attention_trips(cfg, 256))
+    assert plan.attention_trips(cfg, 256) == 4 and plan.attention_trips(cfg, 64) == 1
+
+
+def _check_forward_flops(cfg, attn_trips):
     graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.Qwen25VL(cfg,
                                                                            rngs=nnx.Rngs(0))))
     b, s = 2, 256
@@ -57,7 +65,7 @@ def test_text_forward_flops_match_xla_cost_analysis():
                                  sds((b, s, s), jnp.bool_))
     xla = lowered.cost_analysis()["flops"]
     analytic = plan.prefill_flops(cfg, batch=b, seg_len=s, kv_len=s, frames=0,
-                                  frame_size=(56, 56))["model"]
+                                  frame_size=(56, 56), attn_trips=attn_trips)["model"]
     # XLA also counts norms, rotary, softmax and the mask: a few % on top of the matmuls
     assert 1.0 <= xla / analytic < 1.25, (xla, analytic)
 

@@ -29,13 +29,14 @@ says which knob to turn); 1 libtpu is not installed; 2 bad input (topology, conf
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import importlib.util
 import math
 import os
 import sys
 import time
+
+from vrthinker_jax import cli
 
 GIB = 1024**3
 
@@ -187,14 +188,23 @@ def _layers(model_cfg, layers):
     return model_cfg.text.num_hidden_layers if layers is None else layers
 
 
+def attention_trips(model_cfg, q_len: int) -> int:
+    """Iterations of the query-chunk loop in each decoder attention (`model.attn_query_chunk`);
+    XLA's cost analysis counts the loop body once."""
+    chunk = int(model_cfg.get("attn_query_chunk", 0) or 0)
+    return math.ceil(q_len / chunk) if 0 < chunk < q_len else 1
+
+
 def train_flops(model_cfg, *, batch: int, seq: int, frames: int, frame_size, remat: bool,
-                layers: int | None = None) -> dict:
+                layers: int | None = None, attn_trips: int = 1) -> dict:
     """Analytic FLOPs of one training step (forward + backward) over `batch` rows of `seq` tokens
     with `frames` frames each. Returns {'model': 6ND + attention (the MFU numerator),
     'expected': what the compiled program should do (adds the remat recompute forward)}.
 
     Attention is counted dense over the whole [seq, seq] score matrix because that is what the
     model computes (the causal / memory-window mask is applied to the full scores).
+    layers / attn_trips: count that many decoder layers and 1 / attn_trips of the attention (what
+    XLA reports for a scan over layers and a loop over query chunks).
     """
     n = param_counts(model_cfg)
     t = model_cfg.text
@@ -202,7 +212,7 @@ def train_flops(model_cfg, *, batch: int, seq: int, frames: int, frame_size, rem
     tokens = batch * seq
     layer_mm = n.text_layers_matmul * nl // t.num_hidden_layers
     text_fwd = 2.0 * (layer_mm + n.head_matmul) * tokens
-    attn_fwd = 4.0 * nl * t.num_attention_heads * t.head_dim * seq * seq * batch
+    attn_fwd = 4.0 * nl * t.num_attention_heads * t.head_dim * seq * seq * batch / attn_trips
     patches = vision_patches_per_frame(model_cfg, frame_size)
     vis_fwd = (2.0 * n.vision_matmul * patches * frames * batch
                + vision_attention_flops(model_cfg, frames * batch, patches))
@@ -214,8 +224,9 @@ def train_flops(model_cfg, *, batch: int, seq: int, frames: int, frame_size, rem
 
 
 def prefill_flops(model_cfg, *, batch: int, seg_len: int, kv_len: int, frames: int,
-                  frame_size, layers: int | None = None) -> dict:
-    """Forward FLOPs of prefilling `seg_len` tokens per row attending over `kv_len` cache slots."""
+                  frame_size, layers: int | None = None, attn_trips: int = 1) -> dict:
+    """Forward FLOPs of prefilling `seg_len` tokens per row attending over `kv_len` cache slots
+    (layers / attn_trips as in `train_flops`)."""
     n = param_counts(model_cfg)
     t = model_cfg.text
     nl = _layers(model_cfg, layers)
@@ -223,7 +234,7 @@ def prefill_flops(model_cfg, *, batch: int, seg_len: int, kv_len: int, frames: i
     fwd = (2.0 * (n.text_layers_matmul * nl // t.num_hidden_layers + n.head_matmul)
            * batch * seg_len
            + 4.0 * nl * t.num_attention_heads * t.head_dim * seg_len * kv_len
-           * batch
+           * batch / attn_trips
            + 2.0 * n.vision_matmul * patches * frames * batch
            + vision_attention_flops(model_cfg, frames * batch, patches))
     return {"model": fwd, "expected": fwd, "tokens": batch * seg_len}
@@ -417,22 +428,7 @@ def load_config(spec: str):
 
 def apply_overrides(cfg, overrides: list[str]):
     """`a.b.c=value` (Python literal, or a bare string) for each override."""
-    for item in overrides:
-        key, eq, raw = item.partition("=")
-        if not eq:
-            raise PlanError(f"--set {item!r}: expected key=value")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            if p not in node:
-                raise PlanError(f"--set {item!r}: config has no field {p!r}")
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return cli.apply_overrides(cfg, overrides, PlanError)
 
 
 # --------------------------------------------------------------------------- compile
@@ -491,14 +487,15 @@ def _stats(compiled) -> tuple[dict, dict]:
 
 def _step_plan(name, shape, compiled, analytic: dict, chip: Chip, n_chips: int, t0: float,
                note: str = "", counted: dict | None = None) -> StepPlan:
-    """`counted`: the analytic count with the scanned decoder layer counted once, which is what
-    XLA's cost analysis reports for a `scan` (it counts a loop body once). The compiled FLOPs
-    and bytes are then scaled by analytic / counted to stand for all layers."""
+    """`counted`: the analytic count with each loop body counted once (the scanned decoder layer,
+    the attention's query-chunk loop), which is what XLA's cost analysis reports. The compiled
+    FLOPs are then scaled by analytic / counted to stand for every iteration."""
     m, cost = _stats(compiled)
     scale = analytic["expected"] / counted["expected"] if counted else 1.0
     if counted:
         note = (note + "; " if note else "") + (
-            f"scanned layers: XLA counts the layer once, compiled FLOPs scaled x{scale:.1f}"
+            f"loops (scanned layers, attention query chunks): XLA counts a body once, "
+            f"compiled FLOPs scaled x{scale:.1f}"
             f" (raw {float(cost.get('flops', 0.0)):.3g} FLOPs/chip vs {counted['expected'] / n_chips:.3g}"  # noqa: E501
             " analytic with one layer)")
     # bytes are left as XLA reports them: in a scan they are dominated by the stacked buffers
@@ -572,7 +569,9 @@ def plan_learner(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int) -> S
     t0 = time.perf_counter()
     compiled = fn.lower(abs_state, batch).compile()
     kw = dict(batch=b, seq=s, frames=f, frame_size=(h, w), remat=bool(mcfg.remat))
-    counted = train_flops(mcfg, layers=1, **kw) if mcfg.scan_layers else None
+    trips = attention_trips(mcfg, s)
+    counted = (train_flops(mcfg, layers=1 if mcfg.scan_layers else None, attn_trips=trips, **kw)
+               if mcfg.scan_layers or trips > 1 else None)
     return _step_plan(f"learner ({kind})", f"{b} x {s} tok, {f} frames", compiled,
                       train_flops(mcfg, **kw), chip, n_chips, t0, counted=counted)
 
@@ -667,7 +666,9 @@ def plan_rollout(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int,
         out.append(_step_plan(
             "rollout prefill", f"{b} x {r} tok, {nf} frames; KV {kv}", c_ins,
             prefill_flops(mcfg, **pkw), chip, n_chips, t0,
-            counted=prefill_flops(mcfg, layers=1, **pkw) if mcfg.scan_layers else None,
+            counted=(prefill_flops(mcfg, layers=1 if mcfg.scan_layers else None,
+                                   attn_trips=attention_trips(mcfg, r), **pkw)
+                     if mcfg.scan_layers or attention_trips(mcfg, r) > 1 else None),
             note=f"engine's compiled sampler.insert (prompt bucket {r}); KV cache "
                  f"{cache_gib:.1f} GiB in all, {jnp.dtype(cache_dtype).name}; frame banks "
                  f"{b * total * h * w * 3 / GIB:.1f} GiB in all",

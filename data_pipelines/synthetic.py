@@ -69,6 +69,10 @@ def synthetic_config(**overrides) -> ml_collections.ConfigDict:
     cd.texture_contrast = 50  # amplitude of the background checker (uint8 levels)
     cd.crf = 18  # x264 quality (lower = closer to the rendered frames)
     cd.gop = 8  # keyframe interval of the written mp4s
+    # oracle trace wording: "verbose" (full sentences) or "terse" (the verdict first, few
+    # tokens: "Same: frames ..." / "Defect: frame ... of video ... shows ..."), which puts the
+    # decision right after the frames it depends on and keeps rows short
+    cd.oracle_text = "verbose"
     cd.update(overrides)
     return cd
 
@@ -299,12 +303,19 @@ def _frames_text(frames) -> str:
     return ", ".join(str(f) for f in frames)
 
 
+_DEFECT_WORD = {"noise": "noise", "blur": "blur", "teleport": "a jump", "stall": "a stall",
+                "colour": "the wrong colour", "shape": "the wrong shape"}
+
+
 def oracle_turns(
     scene: Scene, defect: Defect | None, labels: dict[str, int], layout: Layout,
-    pcfg: protocol.ProtocolConfig,
+    pcfg: protocol.ProtocolConfig, style: str = "verbose",
 ) -> list[dict]:
     """A systematic scan of the frames between the initial ones (both videos, in time order),
-    stopping once the defect has been seen, then the verdict."""
+    stopping once the defect has been seen, then the verdict. `style`: see `oracle_text`."""
+    if style not in ("verbose", "terse"):
+        raise ValueError(f"synthetic: oracle_text must be 'verbose' or 'terse', got {style!r}")
+    terse = style == "terse"
     n = pcfg.num_candidates
     hits = set(layout.candidates_in(defect.frames)) if defect is not None else set()
     chunks = [layout.scan[i:i + layout.per_call] for i in range(0, len(layout.scan),
@@ -315,6 +326,8 @@ def oracle_turns(
     seen: list[int] = []
     synthesis = (f"The initial frames of both videos show a {scene.colour} {scene.shape} moving "
                  f"{scene.direction} and look the same.")
+    if terse:
+        synthesis = "Same: the initial frames."
     for chunk in chunks:
         frames = list(chunk) + [n + c for c in chunk]
         think = (
@@ -322,6 +335,8 @@ def oracle_turns(
             f"{_frames_text(chunk)} of video 1 with frames {_frames_text(frames[len(chunk):])} "
             "of video 2."
         )
+        if terse:
+            think = f"Check frames {_frames_text(frames)}."
         turns.append({"role": "assistant",
                       "content": protocol.format_tool_turn(synthesis, think, tie, frames)})
         turns.append({"role": "tool", "frames": frames})
@@ -329,10 +344,14 @@ def oracle_turns(
         if seen:
             break
         synthesis = (f"Frames {_frames_text(frames)}: the two videos look the same.")
+        if terse:
+            synthesis = f"Same: frames {_frames_text(frames)}."
     if defect is None:
         final_syn = synthesis + " Every scanned frame matches between the videos."
         final_think = ("Text alignment, motion and visual quality are the same in both videos, "
                        "so they tie.")
+        if terse:
+            final_syn, final_think = synthesis, "A tie."
     else:
         bad = [(0 if defect.video == 1 else n) + c for c in seen]
         what = _DEFECT_TEXT[defect.kind].format(shape=scene.shape, colour=scene.colour,
@@ -344,6 +363,10 @@ def oracle_turns(
             f"{defect.video}; the other dimensions are equal, so video {3 - defect.video} is "
             "better overall."
         )
+        if terse:
+            final_syn = (f"Defect: frames {_frames_text(bad)} of video {defect.video} show "
+                         f"{_DEFECT_WORD[defect.kind]}.")
+            final_think = f"{defect.dimension} and OA: video {3 - defect.video}."
     turns.append({"role": "assistant",
                   "content": protocol.format_final_turn(final_syn, final_think, labels)})
     return turns
@@ -418,7 +441,8 @@ def generate(
         traces[split].append({
             "id": pair.id, "prompt": prompt, "video_a": rel_a, "video_b": rel_b,
             "labels": dict(pair.labels), "num_candidates": pcfg.num_candidates,
-            "turns": oracle_turns(pair.scene, pair.defect, pair.labels, layout, pcfg),
+            "turns": oracle_turns(pair.scene, pair.defect, pair.labels, layout, pcfg,
+                                  cfg.get("oracle_text", "verbose")),
         })
     paths = {}
     for split in ("train", "heldout"):

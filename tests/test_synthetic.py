@@ -137,6 +137,27 @@ def test_oracle_traces(data):
             assert len(assistant) - 1 == min(PCFG.max_tool_calls, 3)
 
 
+def test_terse_oracle_states_the_verdict_first(data):
+    # the same scan and labels as the verbose traces, in few tokens with the decision first
+    layout = synthetic.make_layout(32, PCFG, synthetic.synthetic_config().margin_frames)
+    for i in range(12):
+        pair, _, _ = synthetic.make_pair(i, SEED, synthetic.synthetic_config(), layout)
+        args = (pair.scene, pair.defect, pair.labels, layout, PCFG)
+        verbose = synthetic.oracle_turns(*args)
+        terse = synthetic.oracle_turns(*args, style="terse")
+        assert [t.get("frames") for t in terse] == [t.get("frames") for t in verbose]
+        assistant = [t["content"] for t in terse if t["role"] == "assistant"]
+        assert all(protocol.turn_format_ok(t) for t in assistant)
+        assert protocol.parse_final_answer(assistant[-1]) == pair.labels
+        syn = [t.split("<synthesis>")[1] for t in assistant]
+        assert all(x.startswith("Same: ") for x in syn[:-1])
+        assert syn[-1].startswith("Defect: " if pair.defect else "Same: ")
+        assert sum(map(len, assistant)) < 0.7 * sum(len(t["content"]) for t in verbose
+                                                     if t["role"] == "assistant")
+    with pytest.raises(ValueError, match="oracle_text"):
+        synthetic.oracle_turns(*args, style="short")
+
+
 def test_deterministic_per_seed(data, tmp_path):
     again = synthetic.generate(str(tmp_path / "a"), 4, SEED)
     rows = _read_jsonl(again["paths"]["train"]) + _read_jsonl(again["paths"]["heldout"])

@@ -165,3 +165,50 @@ def test_run_grpo_with_the_engine_resumes_exactly(tmp_path):
     assert [r["step"] for r in resumed] == [1, 2]
     keys = ("reward", "response_tokens", "tool_calls")
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full[1:]]
+
+
+def test_micro_batches_split_rows_in_order():
+    host = {"weight": np.arange(8, dtype=np.float32), "tokens": np.arange(16).reshape(8, 2)}
+    parts = grpo.micro_batches(host, 4)
+    assert [p["weight"].tolist() for p in parts] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    np.testing.assert_array_equal(np.concatenate([p["tokens"] for p in parts]), host["tokens"])
+    with pytest.raises(ValueError, match="accum_steps=3"):
+        grpo.micro_batches(host, 3)
+
+
+@pytest.mark.parametrize("key, value, match", [("grpo.rollout_batch", 3, "rollout_batch=3"),
+                                               ("optimizer.accum_steps", 3, "accum_steps=3")])
+def test_run_grpo_checks_the_row_split_first(key, value, match):
+    cfg, _ = grpo_config()  # 2 prompts x 2 rollouts = 4 rows
+    section, leaf = key.split(".")
+    cfg[section][leaf] = value
+    with pytest.raises(ValueError, match=match):
+        grpo.run_grpo(cfg, "/nonexistent", None, ByteTokenizer(), rt=None)
+
+
+@pytest.mark.slow  # compiles the engine at 2 rows and the learner at a 2-row micro-batch
+def test_run_grpo_in_rollout_chunks_and_micro_batches(tmp_path, monkeypatch):
+    cfg, pcfg = grpo_config()
+    cfg.steps = 1
+    cfg.grpo.rollout_batch = 2  # two engine calls per step
+    cfg.optimizer.accum_steps = 2  # two micro-batches per update
+    tok = ByteTokenizer()
+    rng = np.random.default_rng(0)
+    recs = [make_trace(rng, pcfg, i) for i in range(4)]
+    banks = [make_bank(rng, pcfg) for _ in recs]
+    rt = runtime.setup(cfg, tok, model=model_lib.Qwen25VL(cfg.model, rngs=nnx.Rngs(0)))
+    calls = []
+    real = grpo.make_engine
+
+    def counting_engine(*a, **k):
+        eng = real(*a, **k)
+        rollout = eng.rollout
+        eng.rollout = lambda prompts, *r, **kw: calls.append(len(prompts)) or rollout(
+            prompts, *r, **kw)
+        return eng
+
+    monkeypatch.setattr(grpo, "make_engine", counting_engine)
+    _, hist = grpo.run_grpo(cfg, str(tmp_path / "w"), None, tok, rt=rt,
+                            dataset=grpo.in_memory_prompts(cfg, recs, banks, 2))
+    assert calls == [2, 2] and len(hist) == 1
+    assert "reward" in hist[0] and hist[0]["time_reference_s"] >= 0

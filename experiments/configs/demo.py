@@ -54,11 +54,16 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.seed = 0  # data, model init and sampling seed
 
     # ---- synthetic needle data (data_pipelines/synthetic.py)
-    c.num_pairs = 24 if quick else 300  # pairs generated; heldout_fraction of them held out
+    c.num_pairs = 24 if quick else 400  # pairs generated; heldout_fraction of them held out
     c.synthetic = ml_collections.ConfigDict(dict(
         heldout_fraction=0.25 if quick else 0.2,  # share of pairs never trained on
-        size=64,  # rendered frame side (px)
+        size=112,  # rendered frame side (px): the bank frame, no resampling
         frames=32,  # frames per video
+        object_size=28,  # the moving shape's side (px); the defects scale with it
+        teleport_px=28,
+        blur_radius=5,
+        # verdict-first oracle wording: the decision sits right after the frames it depends on
+        oracle_text="terse",
     ))
     # the rollout protocol: 16 candidates per video, 4 initial frames each, 3 tool calls of up to
     # 6 frames (3 per video); the oracle's scan covers every gap between initial frames
@@ -68,16 +73,16 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         # a short system prompt: every row carries it, and attention cost grows with length
         system_prompt=SYSTEM_PROMPT,
     ))
-    c.frame_size = (56, 56)  # bank frame (H, W): 2 x 2 merged visual tokens per frame
+    c.frame_size = (112, 112)  # bank frame (H, W): 4 x 4 merged visual tokens per frame
     # sentencepiece trained on the train split only (>= 256 byte pieces + the corpus' characters)
     c.tokenizer_vocab = 700
 
     # ---- model: the tiny Qwen2.5-VL (the quick run uses the same one: it checks this config)
-    c.model = _model(64, 2, 4, 2, 768, 32, 3)
+    c.model = _model(96, 2, 4, 2, 768, 64, 4)
 
     # ---- stage i: cold-start SFT on the oracle traces
     c.sft = ml_collections.ConfigDict(dict(
-        steps=4 if quick else 240,  # micro-steps
+        steps=4 if quick else 400,  # micro-steps
         batch_size=4 if quick else 8,
         lr=1e-3 if quick else 2e-3,
         warmup_steps=1 if quick else 20,
@@ -91,7 +96,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         batch_size=4 if quick else 8,  # rollout rows per engine call (= prompts x K); SFT batch
         steps=2 if quick else 30,  # SFT steps on the accepted traces
         lr=5e-4,
-        temperature=1.0,
+        temperature=0.7,  # sampling temperature of the K rollouts
     ))
 
     # ---- stage iii: GRPO
@@ -101,7 +106,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         prompts_per_step=2 if quick else 4,
         lr=1e-4,
         kl_coef=0.01,
-        temperature=1.0,
+        temperature=0.7,  # sampling temperature of the G rollouts
     ))
 
     # ---- baseline: the same model trained to answer from the initial frames only (protocol

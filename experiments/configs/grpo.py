@@ -26,6 +26,9 @@ def get_config(size: str = "tiny"):
         advantage_baseline="mean",  # "mean" (GRPO) or "rloo"
         scale_std=True,  # divide advantages by the group std
         drop_no_signal_groups=True,  # groups whose rewards are all equal carry no signal
+        # rows per rollout-engine call (0 = all prompts_per_step x group_size at once): bounds
+        # the KV cache on the rollout mesh
+        rollout_batch=0 if size == "tiny" else 64,
     ))
     c.sampling = sampling_config(temperature=1.0)
     if size == "tiny":
@@ -38,7 +41,7 @@ def get_config(size: str = "tiny"):
         c.log_every = 1
     else:
         c.sampling.update(dict(max_len=20480, max_new_tokens=3072, max_turn_tokens=768,
-                               prompt_buckets=(3072, 4096)))
+                               prompt_buckets=(3072, 4096), cache_dtype="bfloat16"))
         c.steps = 500
         c.ckpt_every = 20
     return c

@@ -63,6 +63,9 @@ def sampling_config(**overrides) -> ml_collections.ConfigDict:
     # (a lax.switch), so early turns stop paying for the whole cache without extra compiles;
     # 1 = always attend over the whole cache (cheapest compile)
     cd.insert_kv_buckets = 4
+    # KV-cache dtype of the trainers' rollout engines ('float32' | 'bfloat16'): bf16 halves the
+    # cache, the largest rollout buffer at 7B (tools/plan.py)
+    cd.cache_dtype = "float32"
     cd.update(overrides)
     return cd
 

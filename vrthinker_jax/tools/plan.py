@@ -388,8 +388,8 @@ def suggestions(plans: list[StepPlan], ctx: dict) -> list[str]:
         else:
             rows = ctx.get("rollout_batch") or 0
             out.append(head + f" roll out fewer rows per engine call (--set grpo.rollout_batch="
-                       f"{max(1, rows // need)}), a bf16 KV cache (--cache-dtype bfloat16: the "
-                       "engine's cache_dtype), or more chips on the batch axes")
+                       f"{max(1, rows // need)}), a bf16 KV cache (--set sampling.cache_dtype="
+                       "bfloat16), or more chips on the batch axes")
     return out
 
 
@@ -758,8 +758,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="", help="write the Markdown plan here (appends)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set optimizer.accum_steps=8")
-    ap.add_argument("--cache-dtype", default="float32", choices=("float32", "bfloat16"),
-                    help="rollout KV-cache dtype (the engine's cache_dtype)")
+    ap.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16"),
+                    help="rollout KV-cache dtype (default: the config's sampling.cache_dtype)")
     ap.add_argument("--only", default=",".join(PROGRAMS),
                     help=f"comma-separated programs to compile (default all: {','.join(PROGRAMS)})")
     args = ap.parse_args(argv)
@@ -772,7 +772,8 @@ def main(argv=None) -> int:
             return 1
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU, run nothing on it
         cfg = apply_overrides(load_config(args.config), args.set)
-        header, plans, tips = make_plan(cfg, topo, cache_dtype=args.cache_dtype,
+        cache_dtype = args.cache_dtype or cfg.get("sampling", {}).get("cache_dtype", "float32")
+        header, plans, tips = make_plan(cfg, topo, cache_dtype=cache_dtype,
                                         programs=tuple(p for p in args.only.split(",") if p))
     except PlanError as e:
         print(f"plan: {e}", file=sys.stderr)

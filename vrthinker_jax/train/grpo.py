@@ -30,12 +30,23 @@ def make_engine(cfg, rt: runtime.Runtime, tokenizer, params=None, sampling=None)
     """A rollout engine over the runtime's model and mesh (role 'rollout' shares 'main')."""
     from vrthinker_jax.rollout import engine as engine_lib
 
+    sampling = sampling if sampling is not None else cfg.sampling
     return engine_lib.RolloutEngine(
         rt.model(params), rt.model_cfg, tokenizer,
         protocol.ProtocolConfig.from_configdict(cfg.protocol),
-        sampling if sampling is not None else cfg.sampling, tuple(cfg.data.frame_size),
-        mesh=rt.mesh,
+        sampling, tuple(cfg.data.frame_size), mesh=rt.mesh,
+        cache_dtype=jnp.dtype(sampling.get("cache_dtype", "float32")),
     )
+
+
+def micro_batches(host: dict, n: int) -> list[dict]:
+    """Splits a host batch (numpy arrays with rows first) into n equal row slices, in order."""
+    rows = len(host["weight"])
+    if rows % n:
+        raise ValueError(f"grpo: {rows} rows (prompts_per_step x group_size) are not divisible "
+                         f"by optimizer.accum_steps={n}")
+    m = rows // n
+    return [{k: v[j * m:(j + 1) * m] for k, v in host.items()} for j in range(n)]
 
 
 def prompt_dataset(cfg, pairs, prompts_per_step: int) -> grain.MapDataset:
@@ -142,6 +153,17 @@ def run_grpo(
       (rt with the trained params, one record per step run).
     """
     g = cfg.grpo
+    rows = int(g.prompts_per_step) * int(g.group_size)
+    per_call = int(g.get("rollout_batch", 0) or rows)
+    if rows % per_call:
+        raise ValueError(f"grpo.rollout_batch={per_call} must divide prompts_per_step x "
+                         f"group_size = {rows}")
+    accum = max(int(cfg.optimizer.accum_steps), 1)
+    if rows % accum:
+        raise ValueError(f"grpo: prompts_per_step x group_size = {rows} is not divisible by "
+                         f"optimizer.accum_steps={accum}")
+    # optimizer micro-steps per rollout batch: each inner update is accum micro-batches
+    micro_per_step = max(int(g.inner_updates), 1) * accum
     if dataset is None:
         dataset = prompt_dataset(cfg, pairs, int(g.prompts_per_step))
     tx = steps.make_optimizer(cfg.optimizer)
@@ -161,7 +183,7 @@ def run_grpo(
         p, b, graphdef=rt.graphdef, spec=rt.spec, temperature=temperature))
     update_fn = None
     history: list[dict] = []
-    start = int(state.step) // max(int(g.inner_updates), 1)
+    start = int(state.step) // micro_per_step
     bar = tqdm(total=cfg.steps, initial=start, desc=tag, dynamic_ncols=True,
                disable=not cfg.get("progress", True))
     for step in range(start, cfg.steps):
@@ -175,18 +197,27 @@ def run_grpo(
         key = jax.random.fold_in(state.key, step)
         t0 = time.perf_counter()
         engine.update_params(state.params)
-        trajs = engine.rollout(prompts, banks, key)
+        # `grpo.rollout_batch` rows per engine call bounds the KV cache on the rollout mesh
+        trajs = []
+        for i in range(0, rows, per_call):
+            sub = key if i == 0 else jax.random.fold_in(key, i)
+            trajs += engine.rollout(prompts[i:i + per_call], banks[i:i + per_call], sub)
         t_rollout = time.perf_counter() - t0
 
         host, parts, rstats = rollout_batch(trajs, banks, labels, cfg)
-        batch = steps.put_batch(host, rt.mesh)
-        t1 = time.perf_counter()
-        if ref_params is not None:
-            batch["ref_logp"] = ref_fn(ref_params, batch)
-            jax.block_until_ready(batch["ref_logp"])
-        else:
-            batch["ref_logp"] = jnp.zeros(host["tokens"][:, 1:].shape, jnp.float32)
-        t_ref = time.perf_counter() - t1
+        # optimizer.accum_steps micro-batches per update (optax.MultiSteps applies the update
+        # after the last): the learner's activations scale with the micro-batch
+        batches, t_ref = [], 0.0
+        for mb in micro_batches(host, accum):
+            batch = steps.put_batch(mb, rt.mesh)
+            t1 = time.perf_counter()
+            if ref_params is not None:
+                batch["ref_logp"] = ref_fn(ref_params, batch)
+                jax.block_until_ready(batch["ref_logp"])
+            else:
+                batch["ref_logp"] = jnp.zeros(mb["tokens"][:, 1:].shape, jnp.float32)
+            t_ref += time.perf_counter() - t1
+            batches.append(batch)
 
         t2 = time.perf_counter()
         m: dict = {}
@@ -194,16 +225,17 @@ def run_grpo(
             if update_fn is None:
                 update_fn = steps.step_fn(
                     "grpo", graphdef=rt.graphdef, spec=rt.spec, optimizer=cfg.optimizer,
-                    state=state, batch_like=batch, mesh=rt.mesh, temperature=temperature,
+                    state=state, batch_like=batches[0], mesh=rt.mesh, temperature=temperature,
                     clip_eps=float(g.clip_eps), clip_eps_high=float(g.clip_eps_high),
                     kl_coef=float(g.kl_coef),
                 )
             for _ in range(int(g.inner_updates)):
-                state, m = update_fn(state, batch)
+                for batch in batches:
+                    state, m = update_fn(state, batch)
             m = {k: float(v) for k, v in jax.device_get(m).items()}
         else:
             # no group carried signal: nothing to learn, but the data position still advances
-            state = state.replace(step=state.step + int(g.inner_updates))
+            state = state.replace(step=state.step + micro_per_step)
         t_update = time.perf_counter() - t2
 
         gen = [int(t.loss_mask.sum()) for t in trajs]

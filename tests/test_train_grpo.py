@@ -168,10 +168,14 @@ def test_run_grpo_with_the_engine_resumes_exactly(tmp_path):
 
 
 def test_micro_batches_split_rows_in_order():
-    host = {"weight": np.arange(8, dtype=np.float32), "tokens": np.arange(16).reshape(8, 2)}
+    host = {"weight": np.arange(8, dtype=np.float32), "tokens": np.arange(16).reshape(8, 2),
+            "positions": np.arange(48).reshape(3, 8, 2)}  # rows at dim 1
     parts = grpo.micro_batches(host, 4)
     assert [p["weight"].tolist() for p in parts] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     np.testing.assert_array_equal(np.concatenate([p["tokens"] for p in parts]), host["tokens"])
+    assert all(p["positions"].shape == (3, 2, 2) for p in parts)
+    np.testing.assert_array_equal(np.concatenate([p["positions"] for p in parts], 1),
+                                  host["positions"])
     with pytest.raises(ValueError, match="accum_steps=3"):
         grpo.micro_batches(host, 3)
 

@@ -40,13 +40,18 @@ def make_engine(cfg, rt: runtime.Runtime, tokenizer, params=None, sampling=None)
 
 
 def micro_batches(host: dict, n: int) -> list[dict]:
-    """Splits a host batch (numpy arrays with rows first) into n equal row slices, in order."""
+    """Splits a host batch into n equal row slices, in order (rows are dim 0, except
+    `positions` [3, rows, seq])."""
     rows = len(host["weight"])
     if rows % n:
         raise ValueError(f"grpo: {rows} rows (prompts_per_step x group_size) are not divisible "
                          f"by optimizer.accum_steps={n}")
     m = rows // n
-    return [{k: v[j * m:(j + 1) * m] for k, v in host.items()} for j in range(n)]
+
+    def part(k, v, j):
+        return v[:, j * m:(j + 1) * m] if k == "positions" else v[j * m:(j + 1) * m]
+
+    return [{k: part(k, v, j) for k, v in host.items()} for j in range(n)]
 
 
 def prompt_dataset(cfg, pairs, prompts_per_step: int) -> grain.MapDataset:

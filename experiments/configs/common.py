@@ -33,8 +33,11 @@ def tiny_protocol() -> ml_collections.ConfigDict:
     )
 
 
-def mesh_config(ici: dict, dcn: dict | None = None) -> ml_collections.ConfigDict:
+def mesh_config(ici: dict, dcn: dict | None = None, devices=()) -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
+    # which of this process's devices the mesh uses: (start, stop) into jax.devices(), () = all;
+    # disjoint ranges put roles on separate devices (cfg.roles, cfg.meshes)
+    m.devices = tuple(devices)
     # devices per mesh axis inside a slice ('data', 'fsdp', 'tensor'); one may be -1 (the rest)
     m.ici = ml_collections.ConfigDict(ici)
     # slices per mesh axis (multi-slice TPU over DCN); the axis size is ici * dcn
@@ -77,6 +80,9 @@ def base(size: str) -> ml_collections.ConfigDict:
     c.ckpt_every = 50 if size == "tiny" else 200  # steps between checkpoints
     c.keep_checkpoints = 3  # newest checkpoints kept
     c.progress = True  # tqdm progress bar with ETA
-    # roles -> meshes (tunix-style): all share the one mesh unless a config maps them elsewhere
+    # roles -> meshes (tunix-style): all share the one mesh unless a config maps them elsewhere:
+    # a role named to another mesh uses `meshes.<name>` (a mesh_config; e.g. the learner on
+    # devices 0-3 and rollout + reference on 4-7), and the actor's mesh must be `main`
     c.roles = ml_collections.ConfigDict(dict(actor="main", reference="main", rollout="main"))
+    c.meshes = ml_collections.ConfigDict()
     return c

@@ -222,6 +222,8 @@ class RolloutEngine:
         return {}
 
     def _new_state(self, batch: int, rng) -> sampler.RolloutState:
+        if self.mesh is not None:  # the key may live on another mesh (e.g. the learner's)
+            rng = jax.device_put(rng, NamedSharding(self.mesh, PartitionSpec()))
         if batch not in self._init_fns:
             kw = {} if self.mesh is None else {"out_shardings": self._state_shardings(batch)}
             self._init_fns[batch] = jax.jit(functools.partial(self._init_state, batch), **kw)

@@ -22,21 +22,42 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from vrthinker_jax import sharding
 from vrthinker_jax.rollout import protocol
 from vrthinker_jax.train import checkpointing, examples, losses, rewards, runtime, steps
 
 
 def make_engine(cfg, rt: runtime.Runtime, tokenizer, params=None, sampling=None):
-    """A rollout engine over the runtime's model and mesh (role 'rollout' shares 'main')."""
+    """A rollout engine over the runtime's model on the 'rollout' role's mesh (the learner's
+    unless `cfg.roles.rollout` names another; params are then resharded onto it)."""
     from vrthinker_jax.rollout import engine as engine_lib
 
     sampling = sampling if sampling is not None else cfg.sampling
     return engine_lib.RolloutEngine(
         rt.model(params), rt.model_cfg, tokenizer,
         protocol.ProtocolConfig.from_configdict(cfg.protocol),
-        sampling, tuple(cfg.data.frame_size), mesh=rt.mesh,
+        sampling, tuple(cfg.data.frame_size), mesh=rt.role_mesh("rollout"),
         cache_dtype=jnp.dtype(sampling.get("cache_dtype", "float32")),
     )
+
+
+def reference_params(rt: runtime.Runtime):
+    """The frozen reference: a copy of the initial params on the 'reference' role's mesh (a
+    copy even on the learner's mesh, whose buffers each update donates)."""
+    mesh = rt.role_mesh("reference")
+    if mesh is rt.mesh:
+        return jax.tree.map(jnp.copy, rt.params)
+    return sharding.shard_state(rt.params, mesh)
+
+
+def reference_logprobs(ref_fn, ref_params, host: dict, batch: dict, rt: runtime.Runtime):
+    """Reference log-probs [b, s - 1] of a micro-batch, computed on the reference mesh and
+    returned laid out like the learner's batch (`batch`: `host` already on the learner mesh)."""
+    mesh = rt.role_mesh("reference")
+    if mesh is rt.mesh:
+        return ref_fn(ref_params, batch)
+    out = ref_fn(ref_params, steps.put_batch(host, mesh))
+    return jax.device_put(out, sharding.batch_sharding(rt.mesh, out.ndim, 0))
 
 
 def micro_batches(host: dict, n: int) -> list[dict]:
@@ -173,7 +194,7 @@ def run_grpo(
         dataset = prompt_dataset(cfg, pairs, int(g.prompts_per_step))
     tx = steps.make_optimizer(cfg.optimizer)
     # the frozen reference: a copy, since the learner's buffers are donated to each update
-    ref_params = jax.tree.map(jnp.copy, rt.params) if g.kl_coef else None
+    ref_params = reference_params(rt) if g.kl_coef else None
     state = steps.place_state(steps.init_train_state(rt.params, tx, int(cfg.seed)), rt.mesh)
     it = iter(dataset.to_iter_dataset())
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -217,7 +238,7 @@ def run_grpo(
             batch = steps.put_batch(mb, rt.mesh)
             t1 = time.perf_counter()
             if ref_params is not None:
-                batch["ref_logp"] = ref_fn(ref_params, batch)
+                batch["ref_logp"] = reference_logprobs(ref_fn, ref_params, mb, batch, rt)
                 jax.block_until_ready(batch["ref_logp"])
             else:
                 batch["ref_logp"] = jnp.zeros(mb["tokens"][:, 1:].shape, jnp.float32)

@@ -1,9 +1,10 @@
 """What every stage sets up the same way: mesh, model, params on the mesh, logging.
 
-Roles (actor, reference, rollout) map to named meshes by config, tunix-style (`cfg.roles`). On
-one host all roles normally share the `main` mesh; then the rollout reads the learner's parameter
-arrays directly (no copy, no host round trip) and the reference is a second set of arrays laid
-out the same way.
+Roles (actor, reference, rollout) map to named meshes by config, tunix-style (`cfg.roles`,
+`cfg.meshes`). By default all roles share the `main` mesh; then the rollout reads the learner's
+parameter arrays directly (no copy, no host round trip) and the reference is a second set of
+arrays laid out the same way. A role on another mesh (e.g. disjoint devices) gets the params
+resharded onto it device to device (`jax.device_put`), once per rollout batch for the rollout.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class Runtime:
     params: nnx.State
     spec: steps.StepSpec
     merged_grid: tuple[int, int]
+    # role -> its mesh ('actor' is `mesh`); roles missing here share `mesh`
+    role_meshes: dict = dataclasses.field(default_factory=dict)
+
+    def role_mesh(self, role: str) -> Mesh | None:
+        return self.role_meshes.get(role, self.mesh)
 
     @property
     def tokens_per_frame(self) -> int:
@@ -48,10 +54,41 @@ class Runtime:
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict | None) -> Mesh | None:
-    """cfg.mesh -> Mesh, or None for `mesh.ici` unset (plain single-device jit)."""
+    """cfg.mesh -> Mesh, or None for `mesh.ici` unset (plain single-device jit).
+    `mesh.devices` = (start, stop) builds it over that range of jax.devices()."""
     if mesh_cfg is None or not mesh_cfg.get("ici"):
         return None
-    return sharding.make_mesh(dict(mesh_cfg.ici), dict(mesh_cfg.get("dcn") or {}))
+    devices = None
+    rng = tuple(mesh_cfg.get("devices") or ())
+    if rng:
+        if len(rng) != 2 or not 0 <= rng[0] < rng[1] <= jax.device_count():
+            raise ValueError(f"mesh.devices: expected (start, stop) within the "
+                             f"{jax.device_count()} devices, got {rng}")
+        devices = jax.devices()[rng[0]:rng[1]]
+    return sharding.make_mesh(dict(mesh_cfg.ici), dict(mesh_cfg.get("dcn") or {}), devices)
+
+
+def make_role_meshes(cfg: ml_collections.ConfigDict) -> dict[str, Mesh | None]:
+    """role -> Mesh from `cfg.roles` (role -> mesh name; 'main' is `cfg.mesh`, others
+    `cfg.meshes.<name>`). The actor (learner) must be on 'main'."""
+    roles = dict(cfg.get("roles") or {})
+    if roles.get("actor", "main") != "main":
+        raise ValueError(f"roles.actor must be 'main' (the learner's mesh), got "
+                         f"{roles['actor']!r}")
+    meshes = cfg.get("meshes") or {}
+    built = {"main": make_mesh(cfg.get("mesh"))}
+    out = {}
+    for role, name in roles.items():
+        if name not in built:
+            if name not in meshes:
+                raise ValueError(f"roles.{role}={name!r}: no mesh config `meshes.{name}`")
+            built[name] = make_mesh(meshes[name])
+            if built[name] is None:
+                raise ValueError(f"meshes.{name}: set its ici sizes")
+        out[role] = built[name]
+    if any(m is None for m in out.values()) and any(m is not None for m in out.values()):
+        raise ValueError("roles: give `mesh` ici sizes when another role has its own mesh")
+    return out
 
 
 def align_model_config(model_cfg: ml_collections.ConfigDict, tokenizer) -> None:
@@ -81,12 +118,8 @@ def build_model(cfg: ml_collections.ConfigDict) -> nnx.Module:
 def setup(cfg: ml_collections.ConfigDict, tokenizer, *, model: nnx.Module | None = None
           ) -> Runtime:
     """Mesh, model (built unless given) with params placed on the mesh, step spec."""
-    roles = dict(cfg.get("roles") or {})
-    other = {r: m for r, m in roles.items() if m != "main"}
-    if other:
-        # one mesh per host is what is built and tested; separate role meshes are not
-        raise ValueError(f"roles: only the 'main' mesh is supported, got {other}")
-    mesh = make_mesh(cfg.get("mesh"))
+    role_meshes = make_role_meshes(cfg)
+    mesh = role_meshes["actor"] if "actor" in role_meshes else make_mesh(cfg.get("mesh"))
     model = build_model(cfg) if model is None else model
     mcfg = model.config
     pad = tokenizer.token_to_id(chat.IMAGE_PAD)
@@ -106,6 +139,7 @@ def setup(cfg: ml_collections.ConfigDict, tokenizer, *, model: nnx.Module | None
     return Runtime(
         mesh=mesh, model_cfg=mcfg, graphdef=graphdef, params=params,
         spec=steps.StepSpec(patch, int(pad)), merged_grid=patch.merged_grid(int(h), int(w)),
+        role_meshes=role_meshes,
     )
 
 

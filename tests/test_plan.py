@@ -218,3 +218,18 @@ def test_aot_plan_tiny_on_v5e_2x2():
         assert p.step_time > 0 and 0 < p.mfu <= 1
     assert tips == []
     assert "| learner (grpo) |" in plan.render_markdown(header, plans, tips)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not importable: install the tpu extra "
+                    "(`bash experiments/launch/setup_env.sh tpu`) to AOT-compile for TPU")
+def test_multislice_mesh_splits_physical_axes():
+    # fsdp 64 x tensor 4 per 16x16 slice is no product of whole torus axes: the hybrid mesh
+    # must split them (it raised NotImplementedError before)
+    cfg = plan.load_config(os.path.join(ROOT, "experiments/configs/grpo.py:7b"))
+    topo = plan.get_topology("2xv5e-256")
+    mesh = plan.mesh_for(cfg, plan.topology_devices(topo), topo.num_slices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 64, "tensor": 4}
+    # each data index holds one whole slice (the DCN axis is outermost)
+    for i in range(2):
+        assert len({d.slice_index for d in mesh.devices[i].flat}) == 1

@@ -72,7 +72,10 @@ def make_mesh(
         from jax.experimental import mesh_utils
 
         dcn_sizes = [int(dcn.get(a, 1)) for a in MESH_AXES]
-        grid = mesh_utils.create_hybrid_device_mesh(sizes, dcn_sizes, devices=devices)
+        # per-slice axes such as fsdp 64 x tensor 4 on a 16x16 torus are no product of whole
+        # physical axes: let the per-slice mesh split them (as the single-slice fallback does)
+        grid = mesh_utils.create_hybrid_device_mesh(sizes, dcn_sizes, devices=devices,
+                                                    allow_split_physical_axes=True)
     else:
         try:
             from jax.experimental import mesh_utils

@@ -233,3 +233,23 @@ def test_multislice_mesh_splits_physical_axes():
     # each data index holds one whole slice (the DCN axis is outermost)
     for i in range(2):
         assert len({d.slice_index for d in mesh.devices[i].flat}) == 1
+
+
+def test_an_out_of_memory_compile_says_it_does_not_fit():
+    class Lowered:
+        def __init__(self, err):
+            self.err = err
+
+        def compile(self):
+            raise self.err
+
+    oom = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                       "required for HLO temporaries (20.95G) exceeds available HBM (15.75G).\n"
+                       "trace...")
+    with pytest.raises(plan.PlanError) as e:
+        plan.compile_or_explain(Lowered(oom), "rollout prefill", "rollout")
+    msg = str(e.value)
+    assert msg.startswith("rollout prefill does not fit: Ran out of memory on HBM")
+    assert "(20.95G)" in msg and "grpo.rollout_batch" in msg and "\n" not in msg
+    with pytest.raises(ValueError, match="other"):  # anything else is not an HBM verdict
+        plan.compile_or_explain(Lowered(ValueError("other")), "learner (grpo)", "learner")

@@ -475,6 +475,27 @@ def _with_shardings(tree, shardings):
     return jax.tree.map(one, shardings, tree)
 
 
+_OOM_TIPS = {
+    "learner": "raise optimizer.accum_steps (a smaller micro-batch), set model.remat=True, or "
+               "shard over more chips",
+    "rollout": "lower grpo.rollout_batch (rows per engine call), set "
+               "sampling.cache_dtype=bfloat16, or shard over more chips",
+}
+
+
+def compile_or_explain(lowered, name: str, kind: str):
+    """lowered.compile(); when XLA cannot fit the program in HBM, a PlanError that says so (one
+    line, with XLA's numbers and the knob to turn) instead of a compiler traceback."""
+    try:
+        return lowered.compile()
+    except Exception as e:  # XLA raises JaxRuntimeError (its module moved across jax versions)
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg:
+            raise
+        detail = msg.split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
+        raise PlanError(f"{name} does not fit: {detail} - {_OOM_TIPS[kind]}") from None
+
+
 def _stats(compiled) -> tuple[dict, dict]:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -567,7 +588,7 @@ def plan_learner(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int) -> S
     fn = steps.step_fn(kind, graphdef=graphdef, spec=spec, optimizer=cfg.optimizer,
                        state=abs_state, batch_like=batch, mesh=mesh, **static)
     t0 = time.perf_counter()
-    compiled = fn.lower(abs_state, batch).compile()
+    compiled = compile_or_explain(fn.lower(abs_state, batch), f"learner ({kind})", "learner")
     kw = dict(batch=b, seq=s, frames=f, frame_size=(h, w), remat=bool(mcfg.remat))
     trips = attention_trips(mcfg, s)
     counted = (train_flops(mcfg, layers=1 if mcfg.scan_layers else None, attn_trips=trips, **kw)
@@ -662,7 +683,8 @@ def plan_rollout(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int,
     pkw = dict(batch=b, seg_len=r, kv_len=kv, frames=nf, frame_size=(h, w))
     if "prefill" in programs:
         t0 = time.perf_counter()
-        c_ins = ins.lower(params, state, bank, seg).compile()
+        c_ins = compile_or_explain(ins.lower(params, state, bank, seg), "rollout prefill",
+                                   "rollout")
         out.append(_step_plan(
             "rollout prefill", f"{b} x {r} tok, {nf} frames; KV {kv}", c_ins,
             prefill_flops(mcfg, **pkw), chip, n_chips, t0,
@@ -675,7 +697,7 @@ def plan_rollout(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int,
         ))
     if "decode" in programs:
         t0 = time.perf_counter()
-        c_dec = dec.lower(params, state).compile()
+        c_dec = compile_or_explain(dec.lower(params, state), "rollout decode", "rollout")
         out.append(_step_plan(
             "rollout decode", f"{b} rows x 1 tok; KV {kv}", c_dec,
             decode_flops(mcfg, batch=b, kv_len=kv), chip, n_chips, t0,

@@ -12,18 +12,17 @@ import numpy as np
 import pytest
 from flax import nnx
 from test_train_support import (
-    BATCH,
-    MAX_FRAMES,
     SEQ_LEN,
     ByteTokenizer,
     make_bank,
+    make_batch,
     make_trace,
     stage_config,
 )
 
 from vrthinker_jax.models import model as model_lib
 from vrthinker_jax.rollout import chat, protocol
-from vrthinker_jax.train import examples, grpo, runtime, steps
+from vrthinker_jax.train import grpo, runtime, steps
 
 
 def grpo_config():
@@ -104,10 +103,7 @@ def test_grpo_update_follows_the_advantage():
     cfg, pcfg = grpo_config()
     rng = np.random.default_rng(0)
     tok = ByteTokenizer()
-    exs = [examples.trace_to_example(make_trace(rng, pcfg, i), make_bank(rng, pcfg), tok,
-                                     pcfg=pcfg, seq_len=SEQ_LEN, max_frames=MAX_FRAMES,
-                                     merged_grid=(2, 2)) for i in range(BATCH)]
-    host = examples.collate(exs)
+    host = make_batch(rng, pcfg, tok)
     model = model_lib.Qwen25VL(cfg.model, rngs=nnx.Rngs(0))
     rt = runtime.setup(cfg, tok, model=model)
     batch = steps.put_batch(host, None)

@@ -8,18 +8,16 @@ import numpy as np
 import pytest
 from flax import nnx
 from test_train_support import (
-    BATCH,
-    MAX_FRAMES,
-    SEQ_LEN,
     ByteTokenizer,
     make_bank,
+    make_batch,
     make_trace,
     stage_config,
 )
 
 from experiments.configs import common
 from vrthinker_jax.models import model as model_lib
-from vrthinker_jax.train import examples, grpo, runtime, steps
+from vrthinker_jax.train import grpo, runtime, steps
 
 
 def split_config():
@@ -59,10 +57,7 @@ def test_reference_on_its_own_mesh_gives_the_learners_log_probs():
     tok = ByteTokenizer()
     rng = np.random.default_rng(0)
     cfg, pcfg = split_config()
-    exs = [examples.trace_to_example(make_trace(rng, pcfg, i), make_bank(rng, pcfg), tok,
-                                     pcfg=pcfg, seq_len=SEQ_LEN, max_frames=MAX_FRAMES,
-                                     merged_grid=(2, 2)) for i in range(BATCH)]
-    host = examples.collate(exs)
+    host = make_batch(rng, pcfg, tok)
     model = model_lib.Qwen25VL(cfg.model, rngs=nnx.Rngs(0))
     rt = runtime.setup(cfg, tok, model=model)
     ref = grpo.reference_params(rt)

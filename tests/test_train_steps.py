@@ -11,13 +11,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 from test_train_support import (
-    BATCH,
-    MAX_FRAMES,
     OPT,
-    SEQ_LEN,
     ByteTokenizer,
-    make_bank,
-    make_trace,
+    make_batch,
     tiny_protocol,
 )
 
@@ -25,7 +21,7 @@ from vrthinker_jax import sharding
 from vrthinker_jax.models import config as model_config
 from vrthinker_jax.models import model as model_lib
 from vrthinker_jax.rollout import frame_bank
-from vrthinker_jax.train import examples, steps
+from vrthinker_jax.train import steps
 
 
 def copy_tree(t):
@@ -38,13 +34,7 @@ def setup():
     pcfg = tiny_protocol(memory_window=4)
     rng = np.random.default_rng(0)
     tok = ByteTokenizer()
-    exs = [
-        examples.trace_to_example(make_trace(rng, pcfg, i), make_bank(rng, pcfg), tok,
-                                  pcfg=pcfg, seq_len=SEQ_LEN, max_frames=MAX_FRAMES,
-                                  merged_grid=(2, 2))
-        for i in range(BATCH)
-    ]
-    batch = examples.collate(exs)
+    batch = make_batch(rng, pcfg, tok)
     assert (batch["visible_until"] < np.iinfo(np.int32).max).any(), "no eviction exercised"
     cfg = model_config.get_config("tiny")
     graphdef, params = nnx.split(model_lib.Qwen25VL(cfg, rngs=nnx.Rngs(0)))

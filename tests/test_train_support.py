@@ -112,3 +112,16 @@ def make_trace(rng: np.random.Generator, pcfg: protocol.ProtocolConfig, idx: int
 def make_bank(rng: np.random.Generator, pcfg: protocol.ProtocolConfig,
               frame_size=(56, 56)) -> np.ndarray:
     return rng.integers(0, 256, (pcfg.total_frames, *frame_size, 3), dtype=np.uint8)
+
+
+def make_batch(rng: np.random.Generator, pcfg: protocol.ProtocolConfig, tok,
+               n: int = BATCH) -> dict:
+    """A collated host batch of n one-call traces (SEQ_LEN tokens, MAX_FRAMES frames)."""
+    from vrthinker_jax.train import examples
+
+    return examples.collate([
+        examples.trace_to_example(make_trace(rng, pcfg, i), make_bank(rng, pcfg), tok,
+                                  pcfg=pcfg, seq_len=SEQ_LEN, max_frames=MAX_FRAMES,
+                                  merged_grid=(2, 2))
+        for i in range(n)
+    ])

@@ -682,6 +682,7 @@ def plan_rollout(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int,
     out = []
     pkw = dict(batch=b, seg_len=r, kv_len=kv, frames=nf, frame_size=(h, w))
     if "prefill" in programs:
+        trips = attention_trips(mcfg, r)
         t0 = time.perf_counter()
         c_ins = compile_or_explain(ins.lower(params, state, bank, seg), "rollout prefill",
                                    "rollout")
@@ -689,8 +690,8 @@ def plan_rollout(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int,
             "rollout prefill", f"{b} x {r} tok, {nf} frames; KV {kv}", c_ins,
             prefill_flops(mcfg, **pkw), chip, n_chips, t0,
             counted=(prefill_flops(mcfg, layers=1 if mcfg.scan_layers else None,
-                                   attn_trips=attention_trips(mcfg, r), **pkw)
-                     if mcfg.scan_layers or attention_trips(mcfg, r) > 1 else None),
+                                   attn_trips=trips, **pkw)
+                     if mcfg.scan_layers or trips > 1 else None),
             note=f"engine's compiled sampler.insert (prompt bucket {r}); KV cache "
                  f"{cache_gib:.1f} GiB in all, {jnp.dtype(cache_dtype).name}; frame banks "
                  f"{b * total * h * w * 3 / GIB:.1f} GiB in all",

@@ -61,18 +61,14 @@ def reference_logprobs(ref_fn, ref_params, host: dict, batch: dict, rt: runtime.
 
 
 def micro_batches(host: dict, n: int) -> list[dict]:
-    """Splits a host batch into n equal row slices, in order (rows are dim 0, except
-    `positions` [3, rows, seq])."""
+    """Splits a host batch into n equal row slices, in order (rows at `steps.row_dim`)."""
     rows = len(host["weight"])
     if rows % n:
         raise ValueError(f"grpo: {rows} rows (prompts_per_step x group_size) are not divisible "
                          f"by optimizer.accum_steps={n}")
     m = rows // n
-
-    def part(k, v, j):
-        return v[:, j * m:(j + 1) * m] if k == "positions" else v[j * m:(j + 1) * m]
-
-    return [{k: part(k, v, j) for k, v in host.items()} for j in range(n)]
+    return [{k: np.take(v, np.arange(j * m, (j + 1) * m), axis=steps.row_dim(k))
+             for k, v in host.items()} for j in range(n)]
 
 
 def prompt_dataset(cfg, pairs, prompts_per_step: int) -> grain.MapDataset:

@@ -38,7 +38,7 @@ class Runtime:
     params: nnx.State
     spec: steps.StepSpec
     merged_grid: tuple[int, int]
-    # role -> its mesh ('actor' is `mesh`); roles missing here share `mesh`
+    # role -> its mesh ('actor' is `mesh`); roles not configured share `mesh`
     role_meshes: dict = dataclasses.field(default_factory=dict)
 
     def role_mesh(self, role: str) -> Mesh | None:
@@ -71,8 +71,8 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict | None) -> Mesh | None:
 def make_role_meshes(cfg: ml_collections.ConfigDict) -> dict[str, Mesh | None]:
     """role -> Mesh from `cfg.roles` (role -> mesh name; 'main' is `cfg.mesh`, others
     `cfg.meshes.<name>`). The actor (learner) must be on 'main'."""
-    roles = dict(cfg.get("roles") or {})
-    if roles.get("actor", "main") != "main":
+    roles = {"actor": "main", **dict(cfg.get("roles") or {})}
+    if roles["actor"] != "main":
         raise ValueError(f"roles.actor must be 'main' (the learner's mesh), got "
                          f"{roles['actor']!r}")
     meshes = cfg.get("meshes") or {}
@@ -119,7 +119,7 @@ def setup(cfg: ml_collections.ConfigDict, tokenizer, *, model: nnx.Module | None
           ) -> Runtime:
     """Mesh, model (built unless given) with params placed on the mesh, step spec."""
     role_meshes = make_role_meshes(cfg)
-    mesh = role_meshes["actor"] if "actor" in role_meshes else make_mesh(cfg.get("mesh"))
+    mesh = role_meshes["actor"]
     model = build_model(cfg) if model is None else model
     mcfg = model.config
     pad = tokenizer.token_to_id(chat.IMAGE_PAD)

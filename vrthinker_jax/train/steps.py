@@ -151,12 +151,14 @@ def train_state_shardings(state: TrainState, mesh: Mesh, rules=sharding.DEFAULT_
     return sharding.state_shardings(state, mesh, rules)
 
 
+def row_dim(key: str) -> int:
+    """The batch (row) dim of a batch entry: 0, except `positions` [3, rows, seq]."""
+    return 1 if key == "positions" else 0
+
+
 def batch_shardings(batch: dict, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> dict:
-    """Batch dim over the mesh's batch axes (`positions` has it at dim 1)."""
-    return {
-        k: sharding.batch_sharding(mesh, v.ndim, 1 if k == "positions" else 0, rules)
-        for k, v in batch.items()
-    }
+    """Batch dim (`row_dim`) over the mesh's batch axes."""
+    return {k: sharding.batch_sharding(mesh, v.ndim, row_dim(k), rules) for k, v in batch.items()}
 
 
 # --------------------------------------------------------------------------- forward

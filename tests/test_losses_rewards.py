@@ -20,6 +20,47 @@ def test_token_logprobs_alignment_and_sft_mask():
     np.testing.assert_allclose(ent[0, 0], np.log(2), rtol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [0, 3, 4, 50])
+def test_chunked_token_stats_match_full_logits_values_and_gradients(chunk):
+    """The chunked vocabulary projection (lm_head_chunk) gives the full-logits log-probs and
+    entropies, and the same gradients (a chunk of 3 over 9 predictions divides evenly, 4 pads)."""
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(2, 10, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(6, 11)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, 11, (2, 10)), jnp.int32)
+
+    def full(h, w):
+        logits = jnp.einsum("bsd,dv->bsv", h, w) / 0.7
+        return losses.token_logprobs(logits, tokens), losses.token_entropy(logits)
+
+    def chunked(h, w):
+        return losses.chunked_token_stats(h, tokens, lambda x: jnp.einsum("bsd,dv->bsv", x, w),
+                                          chunk, temperature=0.7, entropy=True)
+
+    (lp0, ent0), (lp1, ent1) = full(h, w), chunked(h, w)
+    np.testing.assert_allclose(lp1, lp0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ent1, ent0, rtol=1e-5, atol=1e-6)
+    g0 = jax.grad(lambda h, w: jnp.sum(full(h, w)[0] * tokens[:, 1:]), (0, 1))(h, w)
+    g1 = jax.grad(lambda h, w: jnp.sum(chunked(h, w)[0] * tokens[:, 1:]), (0, 1))(h, w)
+    for a, b in zip(g0, g1, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    assert losses.chunked_token_stats(h, tokens, lambda x: x @ w, chunk)[1] is None
+
+
+def test_weighted_sft_loss_uses_token_weights():
+    from vrthinker_jax.train import steps
+
+    lp = jnp.array([[-1.0, -2.0, -4.0]])
+    batch = {"loss_mask": jnp.array([[False, True, True, True]]),
+             "valid": jnp.array([[True, True, True, False]]),
+             "weight": jnp.array([1.0])}
+    loss, n = steps.weighted_sft_loss(lp, batch)
+    assert n == 2 and np.isclose(loss, 1.5)  # the padded 4th token never counts
+    batch["loss_weight"] = jnp.array([[0.0, 1.0, 3.0, 3.0]])
+    loss, n = steps.weighted_sft_loss(lp, batch)
+    assert n == 2 and np.isclose(loss, (1.0 + 3 * 2.0) / 4)
+
+
 def test_group_advantages_mean_rloo_and_signal():
     r = jnp.array([1.0, 0.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0])
     adv, sig = losses.group_advantages(r, 4, scale_std=False)

@@ -93,6 +93,10 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     # once): bounds activation memory of long prefills and learner steps, and keeps a chunk of
     # scores in cache on CPU (models/text.py `attend`)
     c.attn_query_chunk = 64
+    # training losses project the final hidden states to the vocabulary this many positions at
+    # a time (0 = the whole row at once): float32 logits of a 20k-token row over a 152k vocab
+    # are ~12 GB before the softmax and its gradient (train/losses.py chunked_token_stats)
+    c.lm_head_chunk = 0
     return c
 
 

@@ -117,12 +117,13 @@ class Qwen25VL(nnx.Module):
 
     # -- pieces ----------------------------------------------------------------------------------
 
-    def encode_vision(self, pixel_values, grid_thw) -> jax.Array:
+    def encode_vision(self, pixel_values, grid_thw, constrain=None) -> jax.Array:
         """pixel_values [n_patches, C*T*P*P]; grid_thw static tuple of (t, h, w) per item.
 
         Returns [n_patches / merge^2, text hidden] in the compute dtype, items in order.
+        constrain: see `VisionTower.__call__`.
         """
-        return self.visual(pixel_values, grid_thw)
+        return self.visual(pixel_values, grid_thw, constrain)
 
     def embed(self, input_ids) -> jax.Array:
         """input_ids int [b, s] -> [b, s, hidden] in the compute dtype."""
@@ -137,7 +138,8 @@ class Qwen25VL(nnx.Module):
         return jnp.einsum("bsd,dv->bsv", x, w, preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids, positions, attn_mask, *, inputs_embeds=None, cache=None,
-                 cache_index=None, logits_at=None, kv_prefixes=None, kv_need=None):
+                 cache_index=None, logits_at=None, kv_prefixes=None, kv_need=None,
+                 return_hidden=False, constrain=None):
         """Decoder forward.
 
         input_ids int32 [b, s]; positions int32 [3, b, s]; attn_mask bool [b, s, kv_len] (which
@@ -151,6 +153,10 @@ class Qwen25VL(nnx.Module):
         int32 scalar: each layer's attention reads only the shortest prefix >= kv_need (one
         executable with a lax.switch over the prefixes; keys past kv_need must be invisible to
         every query whose output the caller uses).
+        return_hidden: return the final normed hidden states [b, s, hidden] instead of logits
+        (training losses project them chunk by chunk: `losses.chunked_token_stats`).
+        constrain: optional [b, s, hidden] -> same, applied to the hidden state after every
+        layer (a sharding constraint: the training step keeps rows split over the batch axes).
         Returns (logits float32 [b, s, vocab] or [b, n, vocab] with logits_at, new KVCache or
         None).
         """
@@ -173,8 +179,10 @@ class Qwen25VL(nnx.Module):
                 kv_need = jnp.asarray(kv_need, jnp.int32)
 
         if cache is None:
+            pin = constrain or (lambda x: x)
+
             def run(layer, x):
-                return layer(x, cos, sin, mask)[0]
+                return pin(layer(x, cos, sin, mask)[0])
         else:
             # The whole stacked cache travels through the layers and each layer writes only its
             # new slots (in place when the caller donates the cache), instead of every layer
@@ -217,7 +225,7 @@ class Qwen25VL(nnx.Module):
             idx = jnp.asarray(logits_at, jnp.int32)
             x = jnp.take_along_axis(x, idx[:, :, None], axis=1)
         x = self.norm(x)
-        return self.logits(x), new_cache
+        return (x if return_hidden else self.logits(x)), new_cache
 
 
 # -- numpy-in, numpy-out forward like transformers' Qwen2_5_VLForConditionalGeneration ----------

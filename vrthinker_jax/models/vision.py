@@ -211,13 +211,16 @@ class VisionTower(nnx.Module):
         emb = jnp.concatenate([f, f], axis=-1)
         return jnp.cos(emb), jnp.sin(emb)
 
-    def __call__(self, pixel_values, grid_thw):
+    def __call__(self, pixel_values, grid_thw, constrain=None):
+        """constrain: optional [n, hidden] -> same, applied to the patch stream after the
+        embedding and every block (the training step's sharding constraint)."""
+        pin = constrain or (lambda x: x)
         plan = self.plan(grid_thw)
         n = int(plan.perm.shape[0])
         if pixel_values.shape[0] != n:
             raise ValueError(f"vision: pixel_values has {pixel_values.shape[0]} patches, grid_thw "
                              f"implies {n}")
-        x = self.patch_embed(pixel_values.astype(self.dtype))[plan.perm]
+        x = pin(self.patch_embed(pixel_values.astype(self.dtype))[plan.perm])
         cos, sin = self.rotary(plan.hw)
         full = set(int(i) for i in self.vc.fullatt_block_indexes)
 
@@ -230,5 +233,5 @@ class VisionTower(nnx.Module):
 
         run_full, run_window = runner(plan.full), runner(plan.window)
         for i, blk in enumerate(self.blocks):
-            x = (run_full if i in full else run_window)(blk, x, cos, sin)
+            x = pin((run_full if i in full else run_window)(blk, x, cos, sin))
         return self.merger(x)[plan.unperm]

@@ -110,15 +110,16 @@ def uniform_candidates(num_frames: int, num_candidates: int) -> np.ndarray:
     return np.floor((np.arange(num_candidates) + 0.5) * num_frames / num_candidates).astype(int)
 
 
-def encode_frames(model, frames: jax.Array, spec: PatchSpec) -> jax.Array:
+def encode_frames(model, frames: jax.Array, spec: PatchSpec, constrain=None) -> jax.Array:
     """uint8 [n, H, W, 3] -> visual tokens [n, tokens_per_frame, hidden] (one fixed-size chunk).
 
     The vision tower sees n images of grid (1, h, w): a static grid tuple, so one compile per n.
+    constrain: passed to the vision tower (a sharding constraint on its patch stream).
     """
     n, height, width = frames.shape[:3]
     patches = patchify(frames, spec)  # [n, P, D]
     grid = (spec.grid_thw(height, width),) * n
-    vis = model.encode_vision(patches.reshape(-1, patches.shape[-1]), grid)
+    vis = model.encode_vision(patches.reshape(-1, patches.shape[-1]), grid, constrain)
     return vis.reshape(n, spec.tokens_per_frame(height, width), -1)
 
 

@@ -1,12 +1,14 @@
 """Fixed-shape training examples from traces (SFT, RFT) and from rollout trajectories (GRPO).
 
 Both paths produce the same dict of numpy arrays, so every stage runs the same forward
-(`steps.sequence_logits`). One example (unbatched):
+(`steps.sequence_token_stats`). One example (unbatched):
 
   tokens        int32 [seq]                  right-padded with `pad_id` (0)
   positions     int32 [3, seq]               M-RoPE positions (t, h, w)
   valid         bool  [seq]                  real (non-padding) tokens
   loss_mask     bool  [seq]                  tokens the model produced (targets of the loss)
+  loss_weight   float32 [seq]                SFT weight of each target token (0 off the mask;
+                                             `synthesis_weight` inside a <synthesis>, else 1)
   visible_until int32 [seq]                  memory-window visibility (rollout/memory.py)
   frames        uint8 [max_frames, H, W, 3]  the frame occurrences, in order
   old_logp      float32 [seq]                rollout log-probs of generated tokens (0 elsewhere)
@@ -40,12 +42,14 @@ def from_tokenized(
     max_frames: int,
     window: int,
     merged_grid: tuple[int, int],
+    synthesis_weight: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """An SFT example from a tokenised conversation.
 
     Args:
       frame_pixels: uint8 [len(t.frames), H, W, 3], the frame occurrences in order.
       merged_grid: (rows, cols) of a frame's visual tokens after the spatial merge.
+      synthesis_weight: loss weight of the synthesis tokens (`data.synthesis_weight`).
     """
     n = len(t.ids)
     if n > seq_len:
@@ -64,6 +68,7 @@ def from_tokenized(
         "positions": _pad(pos.astype(np.int32), seq_len),
         "valid": _pad(np.ones(n, bool), seq_len, False),
         "loss_mask": _pad(t.trainable, seq_len, False),
+        "loss_weight": _pad(t.loss_weights(synthesis_weight), seq_len, 0.0),
         "visible_until": _pad(t.visible_until(window), seq_len, memory.NEVER),
         "frames": _pad(frame_pixels.astype(np.uint8), max_frames, 0, axis=0),
         "old_logp": np.zeros(seq_len, np.float32),
@@ -73,7 +78,7 @@ def from_tokenized(
 
 def trace_to_example(
     trace: dict, bank: np.ndarray, tokenizer, *, pcfg: protocol.ProtocolConfig, seq_len: int,
-    max_frames: int, merged_grid: tuple[int, int],
+    max_frames: int, merged_grid: tuple[int, int], synthesis_weight: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """A vrthinker_cot trace + its candidate-frame bank uint8 [2N, H, W, 3] -> example."""
     if bank.shape[0] != pcfg.total_frames:
@@ -86,7 +91,7 @@ def trace_to_example(
     pixels = bank[np.asarray(t.frames, np.int64) - 1]
     return from_tokenized(
         t, pixels, seq_len=seq_len, max_frames=max_frames, window=pcfg.memory_window,
-        merged_grid=merged_grid,
+        merged_grid=merged_grid, synthesis_weight=synthesis_weight,
     )
 
 
@@ -97,6 +102,7 @@ def failed_example(seq_len: int, max_frames: int, frame_shape: tuple[int, ...]) 
         "positions": np.zeros((3, seq_len), np.int32),
         "valid": np.zeros(seq_len, bool),
         "loss_mask": np.zeros(seq_len, bool),
+        "loss_weight": np.zeros(seq_len, np.float32),
         "visible_until": np.full(seq_len, memory.NEVER, np.int32),
         "frames": np.zeros((max_frames, *frame_shape), np.uint8),
         "old_logp": np.zeros(seq_len, np.float32),
@@ -127,6 +133,7 @@ def from_trajectory(traj, bank: np.ndarray, *, seq_len: int, max_frames: int) ->
         "positions": _pad(np.asarray(traj.positions, np.int32), seq_len),
         "valid": _pad(np.ones(n, bool), seq_len, False),
         "loss_mask": _pad(np.asarray(traj.loss_mask, bool), seq_len, False),
+        "loss_weight": _pad(np.asarray(traj.loss_mask, np.float32), seq_len, 0.0),
         "visible_until": _pad(np.asarray(traj.visible_until, np.int32), seq_len, memory.NEVER),
         "frames": _pad(pixels.astype(np.uint8), max_frames, 0, axis=0),
         "old_logp": _pad(np.asarray(traj.logp, np.float32), seq_len),

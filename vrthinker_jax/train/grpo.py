@@ -201,8 +201,9 @@ def run_grpo(
         it.set_state(meta["data"])
     engine = make_engine(cfg, rt, tokenizer, params=state.params)
     temperature = float(cfg.sampling.temperature) or 1.0
+    ref_spec = rt.spec.replace(mesh=rt.role_mesh("reference"))
     ref_fn = jax.jit(lambda p, b: steps.sequence_logprobs(
-        p, b, graphdef=rt.graphdef, spec=rt.spec, temperature=temperature))
+        p, b, graphdef=rt.graphdef, spec=ref_spec, temperature=temperature))
     update_fn = None
     history: list[dict] = []
     start = int(state.step) // micro_per_step

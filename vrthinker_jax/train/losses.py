@@ -22,6 +22,49 @@ def token_entropy(logits: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
+def chunked_token_stats(
+    hidden: jax.Array, tokens: jax.Array, project, chunk: int, *, temperature: float = 1.0,
+    entropy: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """`token_logprobs` (and `token_entropy`) from the final hidden states, `chunk` positions
+    at a time, so the float32 [b, s, vocab] logits never exist at once: each chunk's logits are
+    made, reduced to two numbers per token and, in the backward pass, made again
+    (`jax.checkpoint`). On a 20k-token row of a 152k vocabulary that is the difference between
+    ~12 GB of logits (times the softmax and its gradient) and one chunk's worth.
+
+    Args:
+      hidden: [b, s, d] final (normed) hidden states; tokens: int32 [b, s].
+      project: hidden [b, n, d] -> float32 logits [b, n, vocab] (the model's lm head).
+      chunk: positions per chunk; 0 (or >= s - 1) projects the whole sequence at once.
+    Returns:
+      (logp float32 [b, s-1], entropy float32 [b, s-1] or None), aligned like token_logprobs;
+      the entropy is a metric and carries no gradient.
+    """
+    h, tgt = hidden[:, :-1], tokens[:, 1:]
+    b, n, d = h.shape
+
+    def stats(h_c, t_c):
+        logp = jax.nn.log_softmax(project(h_c).astype(jnp.float32) / temperature, axis=-1)
+        lp = jnp.take_along_axis(logp, t_c[..., None], axis=-1)[..., 0]
+        ent = (jax.lax.stop_gradient(-jnp.sum(jnp.exp(logp) * logp, axis=-1)) if entropy
+               else jnp.zeros_like(lp))
+        return lp, ent
+
+    if chunk <= 0 or chunk >= n:
+        lp, ent = stats(h, tgt)
+    else:
+        pad = -n % chunk
+        hp = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        tp = jnp.pad(tgt, ((0, 0), (0, pad)))
+        nc = (n + pad) // chunk
+        hc = jnp.moveaxis(hp.reshape(b, nc, chunk, d), 1, 0)  # [nc, b, chunk, d]
+        tc = jnp.moveaxis(tp.reshape(b, nc, chunk), 1, 0)
+        lp, ent = jax.lax.map(lambda a: jax.checkpoint(stats)(*a), (hc, tc))
+        lp = jnp.moveaxis(lp, 0, 1).reshape(b, nc * chunk)[:, :n]
+        ent = jnp.moveaxis(ent, 0, 1).reshape(b, nc * chunk)[:, :n]
+    return lp, (ent if entropy else None)
+
+
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     mask = mask.astype(jnp.float32)
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)

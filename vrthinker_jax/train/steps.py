@@ -166,10 +166,38 @@ def batch_shardings(batch: dict, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> di
 
 @struct.dataclass
 class StepSpec:
-    """Static settings of a step (hashable, closed over by the jitted function)."""
+    """Static settings of a step (hashable, closed over by the jitted function).
+
+    mesh: the mesh the step runs on (None = one device). Activations are then pinned to it
+    split by rows over the batch axes (`constrain_rows`); `step_fn` fills it in.
+    """
 
     patch: frame_bank.PatchSpec = struct.field(pytree_node=False)
     image_pad_id: int = struct.field(pytree_node=False)
+    mesh: Mesh | None = struct.field(pytree_node=False, default=None)
+
+
+def constrain_rows(x: jax.Array, spec: StepSpec, row: int = 0) -> jax.Array:
+    """x laid out with dim `row` split over the mesh's batch axes, the rest whole.
+
+    Why: without it XLA's sharding propagation may follow the fsdp-sharded weights instead of
+    the batch, so every chip of an fsdp group computes the activations of all its group's rows
+    split along hidden (on the 7B learner that is 8x the activation memory; tools/plan.py).
+    """
+    if spec.mesh is None:
+        return x
+    logical = [None] * x.ndim
+    logical[row] = "batch"
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(spec.mesh, sharding.spec_for(logical, x.shape, spec.mesh)))
+
+
+def _row_axes(shape, spec: StepSpec) -> tuple[str, ...]:
+    """The mesh axes `constrain_rows` splits dim 0 of `shape` over (none without a mesh)."""
+    if spec.mesh is None:
+        return ()
+    first = sharding.spec_for(["batch"] + [None] * (len(shape) - 1), shape, spec.mesh)[0]
+    return () if first is None else (first,) if isinstance(first, str) else tuple(first)
 
 
 def embed_inputs(model, tokens: jax.Array, frames: jax.Array, spec: StepSpec) -> jax.Array:
@@ -180,12 +208,23 @@ def embed_inputs(model, tokens: jax.Array, frames: jax.Array, spec: StepSpec) ->
     """
     from vrthinker_jax.models import model as model_lib
 
-    embeds = model.embed(tokens)
+    embeds = constrain_rows(model.embed(tokens), spec)
     b, f = frames.shape[:2]
     if f == 0:
         return embeds
-    vis = frame_bank.encode_frames(model, frames.reshape((b * f,) + frames.shape[2:]), spec.patch)
-    vis = vis.reshape(b, -1, vis.shape[-1]).astype(embeds.dtype)  # [b, f * tokens, hidden]
+    # the vision tower per row (vmap): its window reordering then stays inside a row, so rows
+    # split over devices never need each other's patches
+    frames = constrain_rows(frames, spec)
+    axes, pin = _row_axes(frames.shape, spec), None
+    if axes:
+        # inside the vmap a constraint names the per-row dims (all whole); spmd_axis_name puts
+        # the rows over the batch axes. Without it XLA replicated the rows in the tower (the
+        # 7B learner on v5e-256 asked for 153 GiB per chip)
+        rep = NamedSharding(spec.mesh, PartitionSpec())
+        pin = functools.partial(jax.lax.with_sharding_constraint, shardings=rep)
+    vis = nnx.vmap(lambda m, fr: frame_bank.encode_frames(m, fr, spec.patch, pin),
+                   in_axes=(None, 0), spmd_axis_name=axes or None)(model, frames)
+    vis = constrain_rows(vis.reshape(b, -1, vis.shape[-1]).astype(embeds.dtype), spec)
 
     # merge per row: merge_visual_embeds is row-major over its batch, and rows pad frames
     def one(e, t, v):
@@ -194,13 +233,20 @@ def embed_inputs(model, tokens: jax.Array, frames: jax.Array, spec: StepSpec) ->
     return jax.vmap(one)(embeds, tokens, vis)
 
 
-def sequence_logits(model, batch: dict, spec: StepSpec) -> jax.Array:
-    """float32 logits [b, s, vocab]: frames merged, memory-window mask built in-jit from the
-    compact per-token form (key k visible to query q iff k <= q < visible_until[k])."""
+def sequence_token_stats(
+    model, batch: dict, spec: StepSpec, *, temperature: float = 1.0, entropy: bool = False
+) -> tuple[jax.Array, jax.Array | None]:
+    """log p(tokens[:, t+1]) float32 [b, s-1] (and the next-token entropy [b, s-1] if asked)
+    at `temperature`: frames merged, memory-window mask built in-jit from the compact per-token
+    form (key k visible to query q iff k <= q < visible_until[k]); the vocabulary projection
+    runs `model.lm_head_chunk` positions at a time (`losses.chunked_token_stats`)."""
     embeds = embed_inputs(model, batch["tokens"], batch["frames"], spec)
     mask = memory.attention_mask(batch["visible_until"], batch["valid"])
-    logits, _ = model(batch["tokens"], batch["positions"], mask, inputs_embeds=embeds)
-    return logits
+    hidden, _ = model(batch["tokens"], batch["positions"], mask, inputs_embeds=embeds,
+                      return_hidden=True, constrain=lambda x: constrain_rows(x, spec))
+    chunk = int(model.config.get("lm_head_chunk", 0) or 0)
+    return losses.chunked_token_stats(hidden, batch["tokens"], model.logits, chunk,
+                                      temperature=temperature, entropy=entropy)
 
 
 def _row_weight(batch: dict) -> jax.Array:
@@ -208,19 +254,18 @@ def _row_weight(batch: dict) -> jax.Array:
     return jnp.ones(batch["tokens"].shape[:1], jnp.float32) if w is None else w
 
 
-def weighted_sft_loss(logits, batch):
-    """Token-mean next-token CE over assistant tokens of rows with weight > 0.
+def weighted_sft_loss(lp, batch):
+    """Weighted mean next-token CE over assistant tokens of rows with weight > 0.
 
+    lp: float32 [b, s-1] log-probs of the next tokens (`sequence_token_stats`). Token weights
+    are `loss_weight` when the batch has it (`data.synthesis_weight`), else 1 on the loss mask.
     Returns (loss, target_tokens). Rows are weighted by `weight` (0 drops a failed example).
     """
-    lp = losses.token_logprobs(logits, batch["tokens"])  # [b, s-1]
     mask = (batch["loss_mask"][:, 1:] & batch["valid"][:, 1:]).astype(jnp.float32)
-    w = _row_weight(batch)[:, None] * mask
+    tw = mask if "loss_weight" not in batch else mask * batch["loss_weight"][:, 1:]
+    w = _row_weight(batch)[:, None] * tw
     n = jnp.sum(w)
-    return -jnp.sum(lp * w) / jnp.maximum(n, 1.0), jnp.sum(mask * (w != 0))
-
-
-# --------------------------------------------------------------------------- update
+    return -jnp.sum(lp * w) / jnp.maximum(n, 1e-6), jnp.sum(mask * (w != 0))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -258,8 +303,8 @@ def sft_step(
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params)
-        logits = sequence_logits(model, batch, spec)
-        return weighted_sft_loss(logits, batch)
+        lp, _ = sequence_token_stats(model, batch, spec)
+        return weighted_sft_loss(lp, batch)
 
     (loss, n), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state, metrics = apply_gradients(tx, state, grads, loss)
@@ -273,8 +318,7 @@ def sequence_logprobs(
     """float32 [b, s-1]: log p(tokens[:, t+1]) under `params` at `temperature` (the reference
     policy's, or the old policy's when the rollout did not record them)."""
     model = nnx.merge(graphdef, params)
-    logits = sequence_logits(model, batch, spec) / temperature
-    return losses.token_logprobs(logits, batch["tokens"])
+    return sequence_token_stats(model, batch, spec, temperature=temperature)[0]
 
 
 def grpo_step(
@@ -292,14 +336,13 @@ def grpo_step(
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params)
-        logits = sequence_logits(model, batch, spec) / temperature
-        logp = losses.token_logprobs(logits, batch["tokens"])
+        logp, ent = sequence_token_stats(model, batch, spec, temperature=temperature,
+                                         entropy=True)
         loss, m = losses.grpo_loss(
             logp, old, batch["ref_logp"] if kl_coef else None, batch["advantages"], mask,
             clip_eps=clip_eps, clip_eps_high=clip_eps_high, kl_coef=kl_coef,
         )
-        m["entropy"] = losses.masked_mean(jax.lax.stop_gradient(losses.token_entropy(logits)),
-                                          mask)
+        m["entropy"] = losses.masked_mean(jax.lax.stop_gradient(ent), mask)
         m["policy_tokens"] = jnp.sum(mask)
         return loss, m
 
@@ -312,8 +355,8 @@ def grpo_step(
 # --------------------------------------------------------------------------- compile
 
 
-STEP_KEYS = ("tokens", "positions", "valid", "loss_mask", "visible_until", "frames", "weight",
-             "old_logp", "ref_logp", "advantages")
+STEP_KEYS = ("tokens", "positions", "valid", "loss_mask", "loss_weight", "visible_until",
+             "frames", "weight", "old_logp", "ref_logp", "advantages")
 STEPS = {"sft": sft_step, "grpo": grpo_step}
 
 
@@ -351,6 +394,7 @@ def step_fn(kind: str, *, graphdef, spec: StepSpec, optimizer: ml_collections.Co
     """
     if kind not in STEPS:
         raise ValueError(f"unknown step kind {kind!r}; expected one of {sorted(STEPS)}")
+    spec = spec.replace(mesh=mesh)
     key = (kind, graphdef, spec, _config_key(optimizer), mesh, tuple(sorted(static.items())))
     if key not in _COMPILED:
         fn = functools.partial(STEPS[kind], graphdef=graphdef, tx=make_optimizer(optimizer),

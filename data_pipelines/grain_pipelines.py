@@ -26,7 +26,8 @@ global frame g refers to video 1's candidate g (g <= N) or video 2's candidate g
 
 Batches (per process, b = batch_size / process_count):
 
-  sft_dataset:    tokens int32 [b, seq], loss_mask bool [b, seq], valid bool [b, seq],
+  sft_dataset:    tokens int32 [b, seq], loss_mask bool [b, seq], loss_weight float32 [b, seq],
+                  valid bool [b, seq],
                   visible_until int32 [b, seq], positions int32 [3, b, seq],
                   frames uint8 [b, max_frames, H, W, 3], frame_mask bool [b, max_frames],
                   status int32 [b], failed bool [b], id / error: list[str]
@@ -80,6 +81,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     cd.frame_size = (56, 56)  # (H, W) every frame is resized to; multiples of patch * merge
     cd.seq_len = 1024  # static token length of an SFT row (padded, not packed)
     cd.max_frames = 32  # static frame slots of an SFT row (frame occurrences, in order)
+    # SFT loss weight of the tokens inside <synthesis>...</synthesis> (what the model says it
+    # saw in the frames) relative to the other assistant tokens; 1 = a plain token mean
+    cd.synthesis_weight = 1.0
     cd.scan_traces = True  # tokenise every trace once up front to count over-long ones
     cd.process_index = -1  # this process's shard; -1 = jax.process_index()
     cd.process_count = -1  # number of shards; -1 = jax.process_count()
@@ -281,6 +285,7 @@ def empty_sft_example(seq_len, max_frames, frame_size, *, status, error="", id="
     return {
         "tokens": np.zeros(seq_len, np.int32),
         "loss_mask": np.zeros(seq_len, bool),
+        "loss_weight": np.zeros(seq_len, np.float32),
         "valid": np.zeros(seq_len, bool),
         "visible_until": np.full(seq_len, memory.NEVER, np.int32),
         "positions": np.zeros((3, seq_len), np.int32),
@@ -310,6 +315,7 @@ class TraceToExample(grain.transforms.Map):
     layout: VisionLayout
     seq_len: int
     max_frames: int
+    synthesis_weight: float = 1.0  # loss weight of synthesis tokens (data.synthesis_weight)
 
     def map(self, record):
         if record.get("_padding"):
@@ -357,6 +363,7 @@ class TraceToExample(grain.transforms.Map):
         return {
             "tokens": _pad(t.ids.astype(np.int32), self.seq_len),
             "loss_mask": _pad(t.trainable, self.seq_len, False),
+            "loss_weight": _pad(t.loss_weights(self.synthesis_weight), self.seq_len, 0.0),
             "valid": _pad(np.ones(n, bool), self.seq_len, False),
             "visible_until": _pad(
                 t.visible_until(self.pcfg.memory_window).astype(np.int32), self.seq_len,
@@ -550,7 +557,7 @@ def sft_dataset(
     _, count = process_shard(cfg, process_index, process_count)
     ds = _rows(traces, cfg, process_index=process_index, process_count=process_count)
     ds = ds.map(TraceToExample(tokenizer, pcfg, model_cfg, layout, int(cfg.seq_len),
-                               int(cfg.max_frames)))
+                               int(cfg.max_frames), float(cfg.get("synthesis_weight", 1.0))))
     return ds.batch(local_batch_size(cfg, count), drop_remainder=True, batch_fn=collate_sft)
 
 

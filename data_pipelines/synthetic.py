@@ -73,6 +73,13 @@ def synthetic_config(**overrides) -> ml_collections.ConfigDict:
     # tokens: "Same: frames ..." / "Defect: frame ... of video ... shows ..."), which puts the
     # decision right after the frames it depends on and keeps rows short
     cd.oracle_text = "verbose"
+    # the oracle's scan: "until_found" stops at the call that shows the defect (fewest calls);
+    # "full" makes every call and states a verdict on each, so a verdict can only come from the
+    # frames of its own call (with "until_found" the number of calls made so far predicts the
+    # verdict, a shortcut a small model learns instead of looking)
+    cd.oracle_scan = "until_found"
+    # defect kinds drawn per dimension (a subset of DEFECT_KINDS' kinds)
+    cd.defect_kinds = ml_collections.ConfigDict({k: v for k, v in DEFECT_KINDS.items()})
     cd.update(overrides)
     return cd
 
@@ -224,6 +231,8 @@ def render(scene: Scene, cfg, defect: Defect | None, rng: np.random.Generator) -
             shape = defect.alt
         elif bad and defect.kind == "teleport":
             side = np.asarray([dx, dy], np.float64) * defect.sign * cfg.teleport_px
+            if np.any(p + side < 0) or np.any(p + side > cfg.size - o):
+                side = -side  # jump the way that stays in the frame (a clipped jump is smaller)
             p = np.clip(p + side, 0, cfg.size - o)
         elif bad and defect.kind == "stall":
             p = pos[max(0, t - cfg.stall_frames)]
@@ -256,7 +265,8 @@ def _sample_scene(rng: np.random.Generator) -> Scene:
 
 def _sample_defect(rng, scene: Scene, layout: Layout, cfg) -> Defect:
     dim = ("TA", "MQ", "VQ")[rng.integers(3)]
-    kind = DEFECT_KINDS[dim][rng.integers(2)]
+    kinds = tuple(cfg.get("defect_kinds", DEFECT_KINDS)[dim])
+    kind = kinds[rng.integers(len(kinds))]
     # a scanned candidate the defect must cover, then a span around it inside its gap
     options = []
     for c in layout.scan:
@@ -309,12 +319,15 @@ _DEFECT_WORD = {"noise": "noise", "blur": "blur", "teleport": "a jump", "stall":
 
 def oracle_turns(
     scene: Scene, defect: Defect | None, labels: dict[str, int], layout: Layout,
-    pcfg: protocol.ProtocolConfig, style: str = "verbose",
+    pcfg: protocol.ProtocolConfig, style: str = "verbose", scan: str = "until_found",
 ) -> list[dict]:
     """A systematic scan of the frames between the initial ones (both videos, in time order),
-    stopping once the defect has been seen, then the verdict. `style`: see `oracle_text`."""
+    then the verdict. `style`: see `oracle_text`; `scan`: see `oracle_scan` ("until_found"
+    stops once the defect has been seen, "full" makes every call and judges each)."""
     if style not in ("verbose", "terse"):
         raise ValueError(f"synthetic: oracle_text must be 'verbose' or 'terse', got {style!r}")
+    if scan not in ("until_found", "full"):
+        raise ValueError(f"synthetic: oracle_scan must be 'until_found' or 'full', got {scan!r}")
     terse = style == "terse"
     n = pcfg.num_candidates
     hits = set(layout.candidates_in(defect.frames)) if defect is not None else set()
@@ -322,53 +335,55 @@ def oracle_turns(
                                                                   layout.per_call)]
     chunks = chunks[: pcfg.max_tool_calls]
     tie = {k: 0 for k in protocol.LABEL_KEYS}
-    turns: list[dict] = []
-    seen: list[int] = []
-    synthesis = (f"The initial frames of both videos show a {scene.colour} {scene.shape} moving "
-                 f"{scene.direction} and look the same.")
-    if terse:
-        synthesis = "Same: the initial frames."
-    for chunk in chunks:
-        frames = list(chunk) + [n + c for c in chunk]
-        think = (
-            "A short defect can hide between the initial frames, so I compare frames "
-            f"{_frames_text(chunk)} of video 1 with frames {_frames_text(frames[len(chunk):])} "
-            "of video 2."
-        )
-        if terse:
-            think = f"Check frames {_frames_text(frames)}."
-        turns.append({"role": "assistant",
-                      "content": protocol.format_tool_turn(synthesis, think, tie, frames)})
-        turns.append({"role": "tool", "frames": frames})
+
+    def verdict(chunk, frames) -> str:
+        """What the frames of one call show (the next turn's synthesis)."""
         seen = sorted(hits & set(chunk))
-        if seen:
-            break
-        synthesis = (f"Frames {_frames_text(frames)}: the two videos look the same.")
-        if terse:
-            synthesis = f"Same: frames {_frames_text(frames)}."
-    if defect is None:
-        final_syn = synthesis + " Every scanned frame matches between the videos."
-        final_think = ("Text alignment, motion and visual quality are the same in both videos, "
-                       "so they tie.")
-        if terse:
-            final_syn, final_think = synthesis, "A tie."
-    else:
+        if not seen:
+            return (f"Same: frames {_frames_text(frames)}." if terse else
+                    f"Frames {_frames_text(frames)}: the two videos look the same.")
         bad = [(0 if defect.video == 1 else n) + c for c in seen]
+        if terse:
+            return (f"Defect: frames {_frames_text(bad)} of video {defect.video} show "
+                    f"{_DEFECT_WORD[defect.kind]}.")
         what = _DEFECT_TEXT[defect.kind].format(shape=scene.shape, colour=scene.colour,
                                                 alt=defect.alt)
-        final_syn = (f"Frames {_frames_text(bad)} of video {defect.video} show {what}; the same "
-                     f"moments of video {3 - defect.video} are clean.")
+        return (f"Frames {_frames_text(bad)} of video {defect.video} show {what}; the same "
+                f"moments of video {3 - defect.video} are clean.")
+
+    turns: list[dict] = []
+    found = False
+    synthesis = ("Same: the initial frames." if terse else
+                 f"The initial frames of both videos show a {scene.colour} {scene.shape} moving "
+                 f"{scene.direction} and look the same.")
+    for chunk in chunks:
+        frames = list(chunk) + [n + c for c in chunk]
+        video2 = _frames_text(frames[len(chunk):])
+        think = (f"Check frames {_frames_text(frames)}." if terse else
+                 "A short defect can hide between the initial frames, so I compare frames "
+                 f"{_frames_text(chunk)} of video 1 with frames {video2} of video 2.")
+        # the recommendation so far: the clean video once the defect has been seen
+        turns.append({"role": "assistant", "content": protocol.format_tool_turn(
+            synthesis, think, labels if found else tie, frames)})
+        turns.append({"role": "tool", "frames": frames})
+        synthesis = verdict(chunk, frames)
+        found = found or bool(hits & set(chunk))
+        if found and scan == "until_found":
+            break
+    if defect is None:
+        final_think = ("A tie." if terse else
+                       "Every scanned frame matches between the videos: text alignment, motion "
+                       "and visual quality are the same in both videos, so they tie.")
+    elif terse:
+        final_think = f"{defect.dimension} and OA: video {3 - defect.video}."
+    else:
         final_think = (
-            f"That lowers the {protocol.DIMENSION_NAMES[defect.dimension]} of video "
-            f"{defect.video}; the other dimensions are equal, so video {3 - defect.video} is "
-            "better overall."
+            f"Video {defect.video} shows {_DEFECT_WORD[defect.kind]}: that lowers its "
+            f"{protocol.DIMENSION_NAMES[defect.dimension]}; the other dimensions are equal, so "
+            f"video {3 - defect.video} is better overall."
         )
-        if terse:
-            final_syn = (f"Defect: frames {_frames_text(bad)} of video {defect.video} show "
-                         f"{_DEFECT_WORD[defect.kind]}.")
-            final_think = f"{defect.dimension} and OA: video {3 - defect.video}."
     turns.append({"role": "assistant",
-                  "content": protocol.format_final_turn(final_syn, final_think, labels)})
+                  "content": protocol.format_final_turn(synthesis, final_think, labels)})
     return turns
 
 
@@ -419,6 +434,10 @@ def generate(
         raise ValueError(f"synthetic: --num-pairs must be positive, got {num_pairs}")
     if cfg.size % 2 or cfg.size < cfg.object_size + 4:
         raise ValueError(f"synthetic: size {cfg.size} must be even and hold the object")
+    for dim, kinds in dict(cfg.get("defect_kinds", DEFECT_KINDS)).items():
+        if dim not in DEFECT_KINDS or not kinds or set(kinds) - set(DEFECT_KINDS[dim]):
+            raise ValueError(f"synthetic: defect_kinds[{dim!r}] = {tuple(kinds or ())} must be "
+                             f"a non-empty subset of {DEFECT_KINDS.get(dim, ())}")
     layout = make_layout(cfg.frames, pcfg, cfg.margin_frames)
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     order = np.random.default_rng([seed, 1 << 30]).permutation(num_pairs)
@@ -442,7 +461,8 @@ def generate(
             "id": pair.id, "prompt": prompt, "video_a": rel_a, "video_b": rel_b,
             "labels": dict(pair.labels), "num_candidates": pcfg.num_candidates,
             "turns": oracle_turns(pair.scene, pair.defect, pair.labels, layout, pcfg,
-                                  cfg.get("oracle_text", "verbose")),
+                                  cfg.get("oracle_text", "verbose"),
+                                  cfg.get("oracle_scan", "until_found")),
         })
     paths = {}
     for split in ("train", "heldout"):

@@ -134,7 +134,8 @@ def stage_config(module, demo, tok, *, protocol: dict, steps: int, batch_size: i
     c.protocol = ml_collections.ConfigDict(dict(protocol))
     c.data.update(dict(batch_size=int(batch_size), frame_size=tuple(demo.frame_size),
                        seq_len=int(seq_len), max_frames=int(demo.max_frames),
-                       seed=int(demo.seed)))
+                       seed=int(demo.seed),
+                       synthesis_weight=float(demo.sft.get("synthesis_weight", 1.0))))
     c.mesh.ici = {}  # one device: the demo runs on CPU
     c.optimizer.update(dict(lr=float(lr), warmup_steps=int(min(warmup, max(steps - 1, 0))),
                             total_steps=max(int(steps), 1)))

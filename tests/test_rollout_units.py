@@ -228,6 +228,25 @@ def test_tokenize_segments_layout(tokenizer):
     assert tokenizer.decode(t.ids[t.event_starts[1]:].tolist()).startswith(protocol.IM_END)
 
 
+def test_synthesis_tokens_and_their_loss_weight(tokenizer):
+    # the tokens inside <synthesis>...</synthesis> of assistant turns (what the model reports of
+    # the frames) are marked, and data.synthesis_weight scales them in the SFT loss
+    pcfg = tiny_protocol()
+    turn = protocol.format_final_turn("Defect: frame 3 of video 1.", "VQ: 2.",
+                                      {"TA": 0, "MQ": 0, "VQ": 2, "OA": 2})
+    segs = protocol.prompt_segments("the prompt has <synthesis>no</synthesis> role", pcfg)
+    segs += [protocol.Text(turn, trainable=True)]
+    t = chat.tokenize_segments(tokenizer, segs, tokens_per_frame=4)
+    assert not t.in_synthesis[~t.trainable].any()  # the user's text is never weighted
+    inside = tokenizer.decode(t.ids[t.in_synthesis].tolist())
+    assert "Defect: frame 3 of video 1." in inside and "VQ: 2." not in inside
+    assert len(inside) <= len("<synthesis>Defect: frame 3 of video 1.</synthesis>") + 2
+    w = t.loss_weights(4.0)
+    assert set(np.unique(w[t.in_synthesis])) == {4.0}
+    assert np.all(w[t.trainable & ~t.in_synthesis] == 1.0) and np.all(w[~t.trainable] == 0)
+    np.testing.assert_array_equal(t.loss_weights(), t.trainable.astype(np.float32))
+
+
 def _hf_rope_index(ids: np.ndarray, image_pad: int, grids: np.ndarray, merge: int):
     """transformers' Qwen2.5-VL get_rope_index on one row, without building a model."""
     import torch

@@ -158,6 +158,49 @@ def test_terse_oracle_states_the_verdict_first(data):
         synthetic.oracle_turns(*args, style="short")
 
 
+def test_full_scan_oracle_judges_every_call_from_its_own_frames():
+    # oracle_scan="full": every call is made, and the verdict after a call says Defect exactly
+    # when that call's frames show the defect (no shortcut from the number of calls so far)
+    cfg = synthetic.synthetic_config()
+    layout = synthetic.make_layout(32, PCFG, cfg.margin_frames)
+    calls = min(PCFG.max_tool_calls, -(-len(layout.scan) // layout.per_call))
+    defects = 0
+    for i in range(24):
+        pair, _, _ = synthetic.make_pair(i, SEED, cfg, layout)
+        turns = synthetic.oracle_turns(pair.scene, pair.defect, pair.labels, layout, PCFG,
+                                       style="terse", scan="full")
+        assistant = [t["content"] for t in turns if t["role"] == "assistant"]
+        tools = [t["frames"] for t in turns if t["role"] == "tool"]
+        assert len(tools) == calls and len(assistant) == calls + 1
+        assert all(protocol.turn_format_ok(t) for t in assistant)
+        assert protocol.parse_final_answer(assistant[-1]) == pair.labels
+        bad = set()
+        if pair.defect is not None:
+            d = pair.defect
+            bad = {(0 if d.video == 1 else PCFG.num_candidates) + c
+                   for c in layout.candidates_in(d.frames)}
+        for frames, after in zip(tools, assistant[1:], strict=True):
+            syn = after.split("<synthesis>")[1]
+            assert syn.startswith("Defect: " if bad & set(frames) else "Same: "), (i, syn)
+        defects += pair.defect is not None
+    assert defects >= 12
+    with pytest.raises(ValueError, match="oracle_scan"):
+        synthetic.oracle_turns(pair.scene, pair.defect, pair.labels, layout, PCFG, scan="all")
+
+
+def test_defect_kinds_restrict_the_draw(tmp_path):
+    cfg = synthetic.synthetic_config(defect_kinds={"TA": ("colour",), "MQ": ("teleport",),
+                                                   "VQ": ("noise",)})
+    layout = synthetic.make_layout(32, PCFG, cfg.margin_frames)
+    kinds = {synthetic.make_pair(i, SEED, cfg, layout)[0].defect.kind
+             for i in range(40) if synthetic.make_pair(i, SEED, cfg, layout)[0].defect}
+    assert kinds == {"colour", "teleport", "noise"}
+    bad = synthetic.synthetic_config(defect_kinds={"TA": ("blur",), "MQ": ("stall",),
+                                                   "VQ": ("noise",)})
+    with pytest.raises(ValueError, match="defect_kinds"):
+        synthetic.generate(str(tmp_path / "x"), 2, SEED, bad)
+
+
 def test_deterministic_per_seed(data, tmp_path):
     again = synthetic.generate(str(tmp_path / "a"), 4, SEED)
     rows = _read_jsonl(again["paths"]["train"]) + _read_jsonl(again["paths"]["heldout"])

@@ -52,6 +52,16 @@ class Tokenized:
     frames: list[int]
     event_starts: list[int]
     frames_per_event: list[int]
+    # bool [n]: model-produced tokens inside <synthesis>...</synthesis> (what the model reports
+    # of the frames it has seen; SFT may weight them: data.synthesis_weight)
+    in_synthesis: np.ndarray | None = None
+
+    def loss_weights(self, synthesis_weight: float = 1.0) -> np.ndarray:
+        """float32 [n]: 1 on trainable tokens (`synthesis_weight` inside a synthesis), else 0."""
+        w = self.trainable.astype(np.float32)
+        if synthesis_weight != 1.0 and self.in_synthesis is not None:
+            w[self.in_synthesis & self.trainable] = synthesis_weight
+        return w
 
     def visible_until(self, window: int) -> np.ndarray:
         return memory.visible_until(
@@ -73,6 +83,7 @@ def tokenize_segments(
     frames: list[int] = []
     event_starts = [0]
     per_event = [0]
+    in_syn: list[bool] = []
     for seg in segments:
         if isinstance(seg, protocol.Frame):
             occ = len(frames)
@@ -80,12 +91,17 @@ def tokenize_segments(
             per_event[-1] += 1
             ids += [vt.start] + [vt.pad] * tokens_per_frame + [vt.end]
             trainable += [False] * (tokens_per_frame + 2)
+            in_syn += [False] * (tokens_per_frame + 2)
             frame_of += [-1] + [occ] * tokens_per_frame + [-1]
             continue
         if seg.starts_event:
             event_starts.append(len(ids))
             per_event.append(0)
         piece = list(tokenizer.encode(seg.text)) if seg.text else []
+        if seg.trainable:
+            in_syn += _inside(tokenizer, piece, seg.text, protocol.SYNTHESIS_TAGS)
+        else:
+            in_syn += [False] * len(piece)
         ids += piece
         trainable += [seg.trainable] * len(piece)
         frame_of += [-1] * len(piece)
@@ -96,7 +112,28 @@ def tokenize_segments(
         frames=frames,
         event_starts=event_starts,
         frames_per_event=per_event,
+        in_synthesis=np.asarray(in_syn, bool),
     )
+
+
+def _inside(tokenizer, ids: list[int], text: str, tags: tuple[str, str]) -> list[bool]:
+    """Which tokens of `ids` (= encode(text)) fall inside a tags[0] ... tags[1] span of `text`
+    (the tags themselves excluded): token k covers the characters its prefix decode adds."""
+    open_tag, close_tag = tags
+    spans, at = [], 0
+    while (a := text.find(open_tag, at)) >= 0:
+        b = text.find(close_tag, a)
+        b = len(text) if b < 0 else b
+        spans.append((a + len(open_tag), b))
+        at = b + len(close_tag)
+    if not spans:
+        return [False] * len(ids)
+    out, prev = [], 0
+    for k in range(len(ids)):
+        end = len(tokenizer.decode(ids[: k + 1]))
+        out.append(any(prev < hi and end > lo for lo, hi in spans))
+        prev = end
+    return out
 
 
 def mrope_positions(

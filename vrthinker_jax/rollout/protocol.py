@@ -47,6 +47,7 @@ TOOL_CALL_END = "</tool_call>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 TURN_TAGS = ("synthesis", "think", "recommend answer", "final answer")
+SYNTHESIS_TAGS = ("<synthesis>", "</synthesis>")
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a video reward model. You compare two generated videos for a text prompt on text "

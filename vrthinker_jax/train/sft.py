@@ -44,6 +44,7 @@ class _BankExample(grain.transforms.Map):
             ex = examples.trace_to_example(
                 trace, bank, self.tokenizer, pcfg=self.pcfg, seq_len=int(self.data_cfg.seq_len),
                 max_frames=int(self.data_cfg.max_frames), merged_grid=self.merged_grid,
+                synthesis_weight=float(self.data_cfg.get("synthesis_weight", 1.0)),
             )
             ex["failed"] = np.bool_(False)
         except ValueError:

@@ -102,6 +102,32 @@ def test_sharded_step_equals_single_device_step(setup):
                                    rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # two more compiles
+def test_sharded_step_with_the_7b_memory_settings_equals_single_device(setup):
+    # the knobs the 7B learner ships with (remat, sequence-parallel residual stream, chunked
+    # loss head) change the layout and the schedule of the computation, not its result
+    cfg = model_config.get_config("tiny")
+    cfg.remat, cfg.seq_parallel, cfg.lm_head_chunk = True, True, 16
+    graphdef, params = nnx.split(model_lib.Qwen25VL(cfg, rngs=nnx.Rngs(0)))
+    s0 = steps.init_train_state(params, steps.make_optimizer(OPT))
+    one = steps.step_fn("sft", graphdef=graphdef, spec=setup["spec"], optimizer=OPT, state=s0,
+                        batch_like=setup["dev"])
+    single, m1 = one(copy_tree(s0), setup["dev"])
+    _, m0 = setup["fn"](copy_tree(setup["state"]), setup["dev"])  # the plain model, same init
+    np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]), rtol=1e-5)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    placed = steps.place_state(copy_tree(s0), mesh)
+    dev = steps.put_batch(setup["batch"], mesh)
+    fn = steps.step_fn("sft", graphdef=graphdef, spec=setup["spec"], optimizer=OPT,
+                       state=placed, batch_like=dev, mesh=mesh)
+    sharded, m2 = fn(placed, dev)
+    np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m2["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(sharded.params)):
+        np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32),
+                                   rtol=1e-4, atol=1e-6)
+
+
 # ------------------------------------------------------------------ optimizer (no model)
 
 

@@ -35,6 +35,9 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "layers": None,
     "seq": None,
+    # the decoder's residual stream between layers when model.seq_parallel (Megatron-style
+    # sequence parallelism: each tensor shard keeps 1/tensor of the tokens of the remat carries)
+    "seq_shard": "tensor",
 }
 
 

@@ -74,6 +74,7 @@ def base(size: str) -> ml_collections.ConfigDict:
         # [heads, 2048, 20k] (tools/plan.py checks the fit)
         c.model.attn_query_chunk = 2048
         c.model.lm_head_chunk = 2048
+        c.model.seq_parallel = True
         c.optimizer = optimizer_config(lr=1e-6, warmup_steps=20, total_steps=2000,
                                        weight_decay=0.01)
     c.steps = 300 if size == "tiny" else 2000  # micro-steps (batches) to train

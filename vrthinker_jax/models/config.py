@@ -97,6 +97,10 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     # a time (0 = the whole row at once): float32 logits of a 20k-token row over a 152k vocab
     # are ~12 GB before the softmax and its gradient (train/losses.py chunked_token_stats)
     c.lm_head_chunk = 0
+    # training steps keep the residual stream between decoder layers split over the tensor axis
+    # by tokens (sequence parallelism): the remat carries of a 20k-token row are 28 x 20k x
+    # hidden per chip without it (sharding.py rule 'seq_shard')
+    c.seq_parallel = False
     return c
 
 

@@ -195,31 +195,43 @@ def attention_trips(model_cfg, q_len: int) -> int:
     return math.ceil(q_len / chunk) if 0 < chunk < q_len else 1
 
 
+def head_trips(model_cfg, seq: int) -> int:
+    """Iterations of the loss's vocabulary-projection loop (`model.lm_head_chunk`) over the
+    seq - 1 predicted positions; XLA's cost analysis counts the loop body once."""
+    chunk = int(model_cfg.get("lm_head_chunk", 0) or 0)
+    return math.ceil((seq - 1) / chunk) if 0 < chunk < seq - 1 else 1
+
+
 def train_flops(model_cfg, *, batch: int, seq: int, frames: int, frame_size, remat: bool,
-                layers: int | None = None, attn_trips: int = 1) -> dict:
+                layers: int | None = None, attn_trips: int = 1, lm_trips: int = 1) -> dict:
     """Analytic FLOPs of one training step (forward + backward) over `batch` rows of `seq` tokens
     with `frames` frames each. Returns {'model': 6ND + attention (the MFU numerator),
     'expected': what the compiled program should do (adds the remat recompute forward)}.
 
     Attention is counted dense over the whole [seq, seq] score matrix because that is what the
     model computes (the causal / memory-window mask is applied to the full scores).
-    layers / attn_trips: count that many decoder layers and 1 / attn_trips of the attention (what
-    XLA reports for a scan over layers and a loop over query chunks).
+    layers / attn_trips / lm_trips: count that many decoder layers, 1 / attn_trips of the
+    attention and 1 / lm_trips of the vocabulary projection (what XLA reports for a scan over
+    layers and loops over query and loss chunks).
     """
     n = param_counts(model_cfg)
     t = model_cfg.text
     nl = _layers(model_cfg, layers)
     tokens = batch * seq
     layer_mm = n.text_layers_matmul * nl // t.num_hidden_layers
-    text_fwd = 2.0 * (layer_mm + n.head_matmul) * tokens
+    head_fwd = 2.0 * n.head_matmul * tokens / lm_trips
+    text_fwd = 2.0 * layer_mm * tokens + head_fwd
     attn_fwd = 4.0 * nl * t.num_attention_heads * t.head_dim * seq * seq * batch / attn_trips
     patches = vision_patches_per_frame(model_cfg, frame_size)
     vis_fwd = (2.0 * n.vision_matmul * patches * frames * batch
                + vision_attention_flops(model_cfg, frames * batch, patches))
     fwd = text_fwd + attn_fwd + vis_fwd
     model = 3.0 * fwd
-    # remat recomputes each block's forward in the backward pass (not the logits head)
-    recompute = (fwd - 2.0 * n.head_matmul * tokens) if remat else 0.0
+    # remat recomputes each block's forward in the backward pass; the head is recomputed only
+    # when the loss projects it in checkpointed chunks
+    chunked_head = head_trips(model_cfg, seq) > 1
+    recompute = (fwd - (0.0 if chunked_head else head_fwd)) if remat else (
+        head_fwd if chunked_head else 0.0)
     return {"model": model, "expected": model + recompute, "tokens": tokens}
 
 
@@ -384,6 +396,9 @@ def suggestions(plans: list[StepPlan], ctx: dict) -> list[str]:
                             "model needs query-chunked (or splash) attention")
             elif not chunk:
                 tips.append("chunk the attention scores (--set model.attn_query_chunk=2048)")
+            if not ctx.get("lm_head_chunk"):
+                tips.append("project the loss's logits in chunks (--set "
+                            "model.lm_head_chunk=2048)")
             out.append(head + " " + "; ".join(tips))
         else:
             rows = ctx.get("rollout_batch") or 0
@@ -515,7 +530,7 @@ def _step_plan(name, shape, compiled, analytic: dict, chip: Chip, n_chips: int, 
     scale = analytic["expected"] / counted["expected"] if counted else 1.0
     if counted:
         note = (note + "; " if note else "") + (
-            f"loops (scanned layers, attention query chunks): XLA counts a body once, "
+            f"loops (scanned layers, attention query and loss chunks): XLA counts a body once, "
             f"compiled FLOPs scaled x{scale:.1f}"
             f" (raw {float(cost.get('flops', 0.0)):.3g} FLOPs/chip vs {counted['expected'] / n_chips:.3g}"  # noqa: E501
             " analytic with one layer)")
@@ -590,9 +605,10 @@ def plan_learner(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int) -> S
     t0 = time.perf_counter()
     compiled = compile_or_explain(fn.lower(abs_state, batch), f"learner ({kind})", "learner")
     kw = dict(batch=b, seq=s, frames=f, frame_size=(h, w), remat=bool(mcfg.remat))
-    trips = attention_trips(mcfg, s)
-    counted = (train_flops(mcfg, layers=1 if mcfg.scan_layers else None, attn_trips=trips, **kw)
-               if mcfg.scan_layers or trips > 1 else None)
+    trips, lm_trips = attention_trips(mcfg, s), head_trips(mcfg, s)
+    counted = (train_flops(mcfg, layers=1 if mcfg.scan_layers else None, attn_trips=trips,
+                           lm_trips=lm_trips, **kw)
+               if mcfg.scan_layers or trips > 1 or lm_trips > 1 else None)
     return _step_plan(f"learner ({kind})", f"{b} x {s} tok, {f} frames", compiled,
                       train_flops(mcfg, **kw), chip, n_chips, t0, counted=counted)
 
@@ -765,6 +781,7 @@ def make_plan(cfg, topo: Topology, *, cache_dtype: str = "float32",
     }
     ctx = {"remat": bool(cfg.model.remat), "accum": int(cfg.optimizer.accum_steps),
            "rollout_batch": rb, "attn_chunk": cfg.model.get("attn_query_chunk"),
+           "lm_head_chunk": cfg.model.get("lm_head_chunk"),
            "max_accum": learner_batch(cfg) * int(cfg.optimizer.accum_steps)
            // sharding.batch_size_multiple(mesh)}
     return header, plans, suggestions(plans, ctx)

@@ -177,8 +177,10 @@ class StepSpec:
     mesh: Mesh | None = struct.field(pytree_node=False, default=None)
 
 
-def constrain_rows(x: jax.Array, spec: StepSpec, row: int = 0) -> jax.Array:
-    """x laid out with dim `row` split over the mesh's batch axes, the rest whole.
+def constrain_rows(x: jax.Array, spec: StepSpec, row: int = 0,
+                   seq: int | None = None) -> jax.Array:
+    """x laid out with dim `row` split over the mesh's batch axes (and dim `seq`, if given, over
+    the 'seq_shard' axes: sequence parallelism), the rest whole.
 
     Why: without it XLA's sharding propagation may follow the fsdp-sharded weights instead of
     the batch, so every chip of an fsdp group computes the activations of all its group's rows
@@ -188,6 +190,8 @@ def constrain_rows(x: jax.Array, spec: StepSpec, row: int = 0) -> jax.Array:
         return x
     logical = [None] * x.ndim
     logical[row] = "batch"
+    if seq is not None:
+        logical[seq] = "seq_shard"
     return jax.lax.with_sharding_constraint(
         x, NamedSharding(spec.mesh, sharding.spec_for(logical, x.shape, spec.mesh)))
 
@@ -242,8 +246,9 @@ def sequence_token_stats(
     runs `model.lm_head_chunk` positions at a time (`losses.chunked_token_stats`)."""
     embeds = embed_inputs(model, batch["tokens"], batch["frames"], spec)
     mask = memory.attention_mask(batch["visible_until"], batch["valid"])
+    seq = 1 if model.config.get("seq_parallel", False) else None
     hidden, _ = model(batch["tokens"], batch["positions"], mask, inputs_embeds=embeds,
-                      return_hidden=True, constrain=lambda x: constrain_rows(x, spec))
+                      return_hidden=True, constrain=lambda x: constrain_rows(x, spec, seq=seq))
     chunk = int(model.config.get("lm_head_chunk", 0) or 0)
     return losses.chunked_token_stats(hidden, batch["tokens"], model.logits, chunk,
                                       temperature=temperature, entropy=entropy)

@@ -16,8 +16,10 @@ tie (0). Some pairs have no defect at all (every label 0).
 
 Outputs under --out: `videos/*.mp4`, `train.jsonl` / `heldout.jsonl` (`video_pairs` manifests),
 `cot_train.jsonl` / `cot_heldout.jsonl` (oracle `vrthinker_cot` traces: a systematic scan of the
-frames between the initial ones with `select_frames`, then the correct verdict), `corpus.txt`
-(text for training the tiny sentencepiece) and `info.json`.
+frames between the initial ones with `select_frames`, then the correct verdict),
+`captions_train.jsonl` / `captions_heldout.jsonl` (a caption of every candidate frame: what the
+object looks like, where it is, any noise or blur), `corpus.txt` (text for training the tiny
+sentencepiece) and `info.json`.
 
     python -m data_pipelines.synthetic --out /tmp/needle --num-pairs 200 --seed 0
 """
@@ -80,6 +82,9 @@ def synthetic_config(**overrides) -> ml_collections.ConfigDict:
     cd.oracle_scan = "until_found"
     # defect kinds drawn per dimension (a subset of DEFECT_KINDS' kinds)
     cd.defect_kinds = ml_collections.ConfigDict({k: v for k, v in DEFECT_KINDS.items()})
+    # frame captions (`captions_<split>.jsonl`): the object's centre is named by its cell on a
+    # caption_grid x caption_grid grid over the frame
+    cd.caption_grid = 8
     cd.update(overrides)
     return cd
 
@@ -215,37 +220,74 @@ def _box_blur(img: np.ndarray, r: int) -> np.ndarray:
     return (c[k:k + h, k:k + w] - c[:h, k:k + w] - c[k:k + h, :w] + c[:h, :w]) / (k * k)
 
 
+@dataclasses.dataclass(frozen=True)
+class FrameState:
+    """What one rendered frame shows: the object as drawn and the frame-wide effect."""
+
+    colour: str
+    shape: str
+    top_left: tuple[float, float]  # (y, x) of the object's bounding box, pixels
+    effect: str  # "noise" | "blur" | "" (none)
+
+
+def frame_state(scene: Scene, cfg, defect: Defect | None, t: int, pos: np.ndarray) -> FrameState:
+    """The state of frame t (0-based) of the scene with `defect` applied (None = clean);
+    pos: `_positions(scene, cfg)`. One place for the defects' effects: `render` draws it,
+    `frame_caption` describes it."""
+    o = cfg.object_size
+    dy, dx = DIRECTIONS[scene.direction]
+    colour, shape, p, effect = scene.colour, scene.shape, pos[t], ""
+    bad = defect is not None and defect.start <= t < defect.stop
+    if bad and defect.kind == "colour":
+        colour = defect.alt
+    elif bad and defect.kind == "shape":
+        shape = defect.alt
+    elif bad and defect.kind == "teleport":
+        side = np.asarray([dx, dy], np.float64) * defect.sign * cfg.teleport_px
+        if np.any(p + side < 0) or np.any(p + side > cfg.size - o):
+            side = -side  # jump the way that stays in the frame (a clipped jump is smaller)
+        p = np.clip(p + side, 0, cfg.size - o)
+    elif bad and defect.kind == "stall":
+        p = pos[max(0, t - cfg.stall_frames)]
+    elif bad and defect.kind in ("noise", "blur"):
+        effect = defect.kind
+    return FrameState(colour, shape, (float(p[0]), float(p[1])), effect)
+
+
 def render(scene: Scene, cfg, defect: Defect | None, rng: np.random.Generator) -> np.ndarray:
     """uint8 [F, S, S, 3]: the scene, with `defect` applied (None = clean)."""
     bg = _background(scene, cfg)
     pos = _positions(scene, cfg)
     o = cfg.object_size
     out = np.empty((cfg.frames, cfg.size, cfg.size, 3), np.uint8)
-    dy, dx = DIRECTIONS[scene.direction]
     for t in range(cfg.frames):
-        colour, shape, p = scene.colour, scene.shape, pos[t]
-        bad = defect is not None and defect.start <= t < defect.stop
-        if bad and defect.kind == "colour":
-            colour = defect.alt
-        elif bad and defect.kind == "shape":
-            shape = defect.alt
-        elif bad and defect.kind == "teleport":
-            side = np.asarray([dx, dy], np.float64) * defect.sign * cfg.teleport_px
-            if np.any(p + side < 0) or np.any(p + side > cfg.size - o):
-                side = -side  # jump the way that stays in the frame (a clipped jump is smaller)
-            p = np.clip(p + side, 0, cfg.size - o)
-        elif bad and defect.kind == "stall":
-            p = pos[max(0, t - cfg.stall_frames)]
+        fs = frame_state(scene, cfg, defect, t, pos)
         frame = bg.copy()
-        y, x = (int(round(v)) for v in p)
-        mask = _shape_mask(shape, o)
-        frame[y:y + o, x:x + o][mask] = COLOURS[colour]
-        if bad and defect.kind == "noise":
+        y, x = (int(round(v)) for v in fs.top_left)
+        mask = _shape_mask(fs.shape, o)
+        frame[y:y + o, x:x + o][mask] = COLOURS[fs.colour]
+        if fs.effect == "noise":
             frame = frame + rng.normal(0.0, cfg.noise_sigma, frame.shape)
-        elif bad and defect.kind == "blur":
+        elif fs.effect == "blur":
             frame = _box_blur(frame, cfg.blur_radius)
         out[t] = np.clip(np.round(frame), 0, 255).astype(np.uint8)
     return out
+
+
+def frame_caption(scene: Scene, cfg, defect: Defect | None, t: int) -> str:
+    """A short caption of frame t (0-based): the object's colour, shape and where its centre
+    is on a `caption_grid` x `caption_grid` grid (row, column from the top left), and any
+    frame-wide effect. The demo's visual pretraining trains on these (a pretrained VLM starts
+    out knowing how to see; the tiny random one does not)."""
+    fs = frame_state(scene, cfg, defect, t, _positions(scene, cfg))
+    g = int(cfg.caption_grid)
+    cy, cx = (v + cfg.object_size / 2 for v in fs.top_left)
+    row, col = (min(g - 1, int(v * g / cfg.size)) for v in (cy, cx))
+    return (f"A {fs.colour} {fs.shape} at row {row}, column {col}; "
+            f"{_EFFECT_CAPTION[fs.effect]}.")
+
+
+_EFFECT_CAPTION = {"": "clean", "noise": "heavy noise", "blur": "blurred"}
 
 
 # --------------------------------------------------------------------------- pairs
@@ -407,6 +449,16 @@ def make_pair(index: int, seed: int, cfg, layout: Layout) -> tuple[Pair, np.ndar
     return pair, a, b
 
 
+def pair_captions(pair: Pair, cfg, layout: Layout) -> list[str]:
+    """Captions of the pair's 2N candidate frames in global frame order (video 1's candidates,
+    then video 2's), each as rendered: the defect only in its own video."""
+    out = []
+    for video in (1, 2):
+        d = pair.defect if pair.defect is not None and pair.defect.video == video else None
+        out += [frame_caption(pair.scene, cfg, d, int(t)) for t in layout.candidate_frames]
+    return out
+
+
 def _meta(pair: Pair, layout: Layout, cfg, split: str, n: int) -> dict:
     meta = {"split": split, "num_frames": cfg.frames, "fps": cfg.fps,
             "scene": dataclasses.asdict(pair.scene), "defect": None}
@@ -445,6 +497,7 @@ def generate(
     heldout = set(int(i) for i in order[:n_held])
     rows = {"train": [], "heldout": []}
     traces = {"train": [], "heldout": []}
+    captions = {"train": [], "heldout": []}
     for i in range(num_pairs):
         pair, a, b = make_pair(i, seed, cfg, layout)
         split = "heldout" if i in heldout else "train"
@@ -464,12 +517,17 @@ def generate(
                                   cfg.get("oracle_text", "verbose"),
                                   cfg.get("oracle_scan", "until_found")),
         })
+        captions[split].append({"id": pair.id, "captions": pair_captions(pair, cfg, layout)})
     paths = {}
     for split in ("train", "heldout"):
         paths[split] = _write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), rows[split])
         paths[f"cot_{split}"] = _write_jsonl(os.path.join(out_dir, f"cot_{split}.jsonl"),
                                              traces[split])
+        paths[f"captions_{split}"] = _write_jsonl(
+            os.path.join(out_dir, f"captions_{split}.jsonl"), captions[split])
     lines = text_corpus(traces["train"] + traces["heldout"], pcfg)
+    lines += list(dict.fromkeys(c for r in captions["train"] + captions["heldout"]
+                                for c in r["captions"]))
     paths["corpus"] = os.path.join(out_dir, "corpus.txt")
     with open(paths["corpus"], "w", encoding="utf-8") as f:
         for line in lines:

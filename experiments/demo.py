@@ -349,8 +349,10 @@ def run(demo, out_dir: str) -> dict:
           f"({info['ties']} ties in all) in {data_dir}", flush=True)
 
     # ---- 2. tokenizer, on the training split's text only
+    train_captions = _read_jsonl(info["paths"]["captions_train"])
     with timer("tokenizer"):
-        corpus = synthetic.text_corpus(train_traces, pcfg)
+        corpus = synthetic.text_corpus(train_traces, pcfg) + list(dict.fromkeys(
+            c for r in train_captions for c in r["captions"]))
         tok_path = train_tokenizer(corpus, os.path.join(out_dir, "tokenizer"),
                                    int(demo.tokenizer_vocab))
         tok = tok_lib.load_tokenizer(tok_path)
@@ -389,6 +391,29 @@ def run(demo, out_dir: str) -> dict:
           f"rows of {seq_len} tokens", flush=True)
     evaluator = Evaluator(demo, tok, rt, heldout, banks, out_dir,
                           sampling_config(temperature=0.0, **sampling))
+
+    # ---- 2b. visual pretraining on the training frames' captions (both models start here)
+    pt = demo.get("pretrain")
+    if pt is not None and int(pt.steps) > 0:
+        cap_len = max(len(chat.tokenize_segments(
+            tok, protocol.caption_segments(1, c), vt).ids)
+            for r in train_captions for c in r["captions"])
+        with timer("pretrain"):
+            pcfg_pre = stage_config(sft_cfgs, demo, tok, protocol=proto, steps=pt.steps,
+                                    batch_size=pt.batch_size, lr=pt.lr,
+                                    seq_len=_round_up(cap_len + 4, 16),
+                                    warmup=pt.warmup_steps)
+            pcfg_pre.data.max_frames = 1
+            by_id = {r["id"]: r for r in train_captions}
+            pds = sft.caption_dataset(pcfg_pre, [by_id[r["id"]] for r in train_pairs],
+                                      train_banks, tok, rt)
+            rt, phist = sft.run_sft(pcfg_pre, os.path.join(out_dir, "pretrain"), pds, rt=rt,
+                                    logger=logger, tag="pretrain")
+        results["stages"]["pretrain"] = {"steps": len(phist), "loss_first": phist[0]["loss"],
+                                         "loss_last": phist[-1]["loss"],
+                                         "frames": len(train_pairs) * pcfg.total_frames}
+        print(f"[demo] visual pretraining: caption loss {phist[0]['loss']:.3f} -> "
+              f"{phist[-1]['loss']:.3f} over {len(phist)} steps", flush=True)
     # ---- 3. baseline: initial frames only (max_turns=1), same pairs, same labels
     b = demo.baseline
     bproto = {**proto, "max_turns": 1}
@@ -402,7 +427,8 @@ def run(demo, out_dir: str) -> dict:
                             batch_size=b.batch_size, lr=b.lr,
                             seq_len=_round_up(blen + 16, 64), warmup=s.warmup_steps)
         bcfg.data.max_frames = 2 * int(demo.protocol.num_initial_frames)
-        brt = runtime.setup(bcfg, tok)
+        # the same starting weights as the tool-using model (the SFT half donates rt's)
+        brt = runtime.setup(bcfg, tok, model=rt.model(jax.tree.map(jnp.copy, rt.params)))
         bds = sft.in_memory_dataset(bcfg, direct, trace_banks, tok, brt)
         brt, bhist = sft.run_sft(bcfg, os.path.join(out_dir, "baseline_sft"), bds, rt=brt,
                                  logger=logger, tag="baseline_sft")

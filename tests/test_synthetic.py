@@ -275,3 +275,56 @@ def test_bank_short_video_and_errors(tmp_path):
         banks.pair_bank(path, str(bad), 8, (56, 56))
     with pytest.raises(ValueError, match="multiples of 28"):
         banks.pair_bank(path, path, 8, (50, 56))
+
+
+def test_frame_captions_describe_what_is_rendered(data):
+    """One caption per candidate frame, in global order; a defect shows in its own video's
+    captions at exactly its candidates (colour / effect), the clean video's read as clean."""
+    cfg = synthetic.synthetic_config()
+    layout = synthetic.make_layout(cfg.frames, PCFG, cfg.margin_frames)
+    caps = {r["id"]: r["captions"] for r in
+            _read_jsonl(os.path.join(data["out"], "captions_train.jsonl"))
+            + _read_jsonl(os.path.join(data["out"], "captions_heldout.jsonl"))}
+    assert set(caps) == {r["id"] for r in data["rows"]}
+    n = PCFG.num_candidates
+    for r in data["rows"]:
+        c = caps[r["id"]]
+        assert len(c) == 2 * n
+        scene = r["meta"]["scene"]
+        d = r["meta"]["defect"]
+        bad = set(d["global_frames"]) if d else set()
+        for g, text in enumerate(c, start=1):
+            wrong_colour = d is not None and d["kind"] == "colour" and g in bad
+            colour = d["alt"] if wrong_colour else scene["colour"]
+            assert text.startswith(f"A {colour} "), (r["id"], g, text)
+            effect = d["kind"] if d is not None and g in bad else ""
+            want = {"noise": "heavy noise.", "blur": "blurred."}.get(effect, "clean.")
+            assert text.endswith(want), (r["id"], g, text)
+    # the position moves along the motion and jumps with a teleport
+    pair = next(p for p in (synthetic.make_pair(i, SEED, cfg, layout)[0] for i in range(60))
+                if p.defect is not None and p.defect.kind == "teleport")
+    t = pair.defect.start
+    clean = synthetic.frame_caption(pair.scene, cfg, None, t)
+    moved = synthetic.frame_caption(pair.scene, cfg, pair.defect, t)
+    assert clean != moved and clean.split(" at ")[0] == moved.split(" at ")[0]
+    first = synthetic.frame_caption(pair.scene, cfg, None, 0)
+    last = synthetic.frame_caption(pair.scene, cfg, None, cfg.frames - 1)
+    assert first != last
+
+
+def test_render_unchanged_by_the_caption_refactor():
+    """render draws exactly frame_state: the object's pixels sit where the state says."""
+    cfg = synthetic.synthetic_config()
+    layout = synthetic.make_layout(cfg.frames, PCFG, cfg.margin_frames)
+    pair, a, b = synthetic.make_pair(5, SEED, cfg, layout)
+    pos = synthetic._positions(pair.scene, cfg)
+    video = a if pair.defect is None or pair.defect.video == 1 else b
+    for t in range(cfg.frames):
+        fs = synthetic.frame_state(pair.scene, cfg, pair.defect, t, pos)
+        if fs.effect:
+            continue
+        y, x = (int(round(v)) for v in fs.top_left)
+        o = cfg.object_size
+        inside = synthetic._shape_mask(fs.shape, o)
+        patch = video[t, y:y + o, x:x + o][inside]
+        assert np.all(patch == np.asarray(synthetic.COLOURS[fs.colour], np.uint8))

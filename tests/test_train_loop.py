@@ -119,3 +119,26 @@ def test_cli_reports_a_missing_training_file(tmp_path):
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
     assert last == f"error: train_data {tmp_path}/nope.jsonl: no such file", out.stderr[-500:]
+
+
+def test_caption_dataset_rows_hold_one_frame_and_train_on_the_caption_only(data):
+    """Visual pretraining rows: the frame of the row is the bank's frame g, the loss covers the
+    caption and the turn end, nothing of the user turn."""
+    cfg, _, banks, init = data
+    cfg = cfg.copy_and_resolve_references()
+    cfg.data.update(dict(seq_len=48, max_frames=1, shuffle=False))
+    tok = ByteTokenizer()
+    rt = runtime.setup(cfg, tok, model=nnx.merge(init[0], init[1]))
+    n = banks[0].shape[0]
+    caps = [{"id": f"p{i}", "captions": [f"c{i}-{g}" for g in range(1, n + 1)]}
+            for i in range(2)]
+    ds = sft.caption_dataset(cfg, caps, banks[:2], tok, rt)
+    batch = ds[0]
+    for row in range(BATCH):
+        i, g = divmod(row, n)  # unshuffled: pair 0's frames 1..n, then pair 1's
+        np.testing.assert_array_equal(batch["frames"][row, 0], banks[i][g])
+        target = batch["tokens"][row][batch["loss_mask"][row]]
+        assert tok.decode([int(t) for t in target]) == f"c{i}-{g + 1}<|im_end|>"
+        assert batch["weight"][row] == 1.0
+    with pytest.raises(ValueError, match="captions of 'p0': 1 captions"):
+        sft.caption_dataset(cfg, [{"id": "p0", "captions": ["x"]}], banks[:1], tok, rt)

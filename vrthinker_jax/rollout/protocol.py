@@ -410,6 +410,18 @@ def tool_response_segments(
     return segs
 
 
+def caption_segments(frame: int, caption: str) -> list[Segment]:
+    """A one-frame captioning exchange (visual pretraining of a model that starts from random
+    weights): the user shows frame `frame`, the assistant's whole turn is `caption`."""
+    return [
+        Text(f"{IM_START}user\nFrame {frame}: "),
+        Frame(frame),
+        Text(f"{IM_END}\n{IM_START}assistant\n"),
+        Text(caption, trainable=True),
+        final_turn_end(),
+    ]
+
+
 def final_turn_end() -> Text:
     """What the model emits after a final answer to end its turn (trainable stop token)."""
     return Text(IM_END, trainable=True)

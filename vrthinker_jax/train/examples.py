@@ -86,7 +86,17 @@ def trace_to_example(
             f"trace {trace.get('id')!r}: bank has {bank.shape[0]} frames, the protocol numbers "
             f"{pcfg.total_frames} (2 x num_candidates)"
         )
-    segs = protocol.trace_segments(trace, pcfg)
+    return segments_to_example(
+        protocol.trace_segments(trace, pcfg), bank, tokenizer, pcfg=pcfg, seq_len=seq_len,
+        max_frames=max_frames, merged_grid=merged_grid, synthesis_weight=synthesis_weight)
+
+
+def segments_to_example(
+    segs: list, bank: np.ndarray, tokenizer, *, pcfg: protocol.ProtocolConfig, seq_len: int,
+    max_frames: int, merged_grid: tuple[int, int], synthesis_weight: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """Conversation segments (their frames numbered into `bank`, uint8 [2N, H, W, 3]) ->
+    example."""
     t = chat.tokenize_segments(tokenizer, segs, merged_grid[0] * merged_grid[1])
     pixels = bank[np.asarray(t.frames, np.int64) - 1]
     return from_tokenized(

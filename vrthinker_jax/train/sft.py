@@ -31,21 +31,31 @@ def sft_dataset(cfg, traces, tokenizer, rt: runtime.Runtime) -> grain.MapDataset
                                        model_cfg=rt.model_cfg)
 
 
-class _BankExample(grain.transforms.Map):
-    """(trace, bank) -> example; a trace that does not fit or render becomes a weight-0 row."""
+def _caption_segments(item: dict, pcfg) -> list[protocol.Segment]:
+    return protocol.caption_segments(int(item["frame"]), item["caption"])
 
-    def __init__(self, tokenizer, pcfg, data_cfg, merged_grid):
+
+class _BankExample(grain.transforms.Map):
+    """(trace, bank) -> example; a trace that does not fit or render becomes a weight-0 row.
+
+    to_segments: (record, pcfg) -> conversation segments; None = a vrthinker_cot trace."""
+
+    def __init__(self, tokenizer, pcfg, data_cfg, merged_grid, to_segments=None):
         self.tokenizer, self.pcfg, self.data_cfg, self.merged_grid = (
             tokenizer, pcfg, data_cfg, tuple(merged_grid))
+        self.to_segments = to_segments
 
     def map(self, item):
         trace, bank = item
+        kw = dict(pcfg=self.pcfg, seq_len=int(self.data_cfg.seq_len),
+                  max_frames=int(self.data_cfg.max_frames), merged_grid=self.merged_grid,
+                  synthesis_weight=float(self.data_cfg.get("synthesis_weight", 1.0)))
         try:
-            ex = examples.trace_to_example(
-                trace, bank, self.tokenizer, pcfg=self.pcfg, seq_len=int(self.data_cfg.seq_len),
-                max_frames=int(self.data_cfg.max_frames), merged_grid=self.merged_grid,
-                synthesis_weight=float(self.data_cfg.get("synthesis_weight", 1.0)),
-            )
+            if self.to_segments is None:
+                ex = examples.trace_to_example(trace, bank, self.tokenizer, **kw)
+            else:
+                ex = examples.segments_to_example(self.to_segments(trace, self.pcfg), bank,
+                                                  self.tokenizer, **kw)
             ex["failed"] = np.bool_(False)
         except ValueError:
             ex = examples.failed_example(int(self.data_cfg.seq_len),
@@ -55,9 +65,10 @@ class _BankExample(grain.transforms.Map):
 
 
 def in_memory_dataset(cfg, traces: list[dict], banks: list[np.ndarray], tokenizer,
-                      rt: runtime.Runtime) -> grain.MapDataset:
+                      rt: runtime.Runtime, *, to_segments=None) -> grain.MapDataset:
     """Batches from traces whose frame banks (uint8 [2N, H, W, 3] each) are already in memory
-    (RFT's freshly sampled traces; tests). Shuffled with `data.seed`, repeated forever."""
+    (RFT's freshly sampled traces; tests). Shuffled with `data.seed`, repeated forever.
+    to_segments: see `_BankExample` (records other than traces, e.g. `caption_dataset`)."""
     if len(traces) != len(banks):
         raise ValueError(f"{len(traces)} traces but {len(banks)} frame banks")
     if not traces:
@@ -66,8 +77,29 @@ def in_memory_dataset(cfg, traces: list[dict], banks: list[np.ndarray], tokenize
     ds = grain.MapDataset.source(list(zip(traces, banks)))
     if cfg.data.shuffle:
         ds = ds.shuffle(seed=int(cfg.data.seed))
-    ds = ds.repeat(None).map(_BankExample(tokenizer, pcfg, cfg.data, rt.merged_grid))
+    ds = ds.repeat(None).map(_BankExample(tokenizer, pcfg, cfg.data, rt.merged_grid,
+                                          to_segments))
     return ds.batch(int(cfg.data.batch_size), drop_remainder=True, batch_fn=examples.collate)
+
+
+def caption_dataset(cfg, captions: list[dict], banks: list[np.ndarray], tokenizer,
+                    rt: runtime.Runtime) -> grain.MapDataset:
+    """Visual-pretraining batches: one frame and its caption per row (`protocol.
+    caption_segments`; data.max_frames = 1). captions: per pair {"id", "captions": one caption
+    per global frame, in order} (`data_pipelines.synthetic` writes them); banks: the pairs'
+    frame banks, in the same order."""
+    if len(captions) != len(banks):
+        raise ValueError(f"{len(captions)} caption records but {len(banks)} frame banks")
+    items, item_banks = [], []
+    for rec, bank in zip(captions, banks, strict=True):
+        if len(rec["captions"]) != bank.shape[0]:
+            raise ValueError(f"captions of {rec.get('id')!r}: {len(rec['captions'])} captions "
+                             f"for {bank.shape[0]} frames")
+        for g, text in enumerate(rec["captions"], start=1):
+            items.append({"id": rec.get("id"), "frame": g, "caption": text})
+            item_banks.append(bank)
+    return in_memory_dataset(cfg, items, item_banks, tokenizer, rt,
+                             to_segments=_caption_segments)
 
 
 def run_sft(

@@ -73,7 +73,9 @@ def synthetic_config(**overrides) -> ml_collections.ConfigDict:
     cd.gop = 8  # keyframe interval of the written mp4s
     # oracle trace wording: "verbose" (full sentences) or "terse" (the verdict first, few
     # tokens: "Same: frames ..." / "Defect: frame ... of video ... shows ..."), which puts the
-    # decision right after the frames it depends on and keeps rows short
+    # decision right after the frames it depends on and keeps rows short; "describe" first
+    # describes each frame of the call in its caption's words (`frame_caption`), then gives the
+    # terse verdict, so the verdict follows from text the model wrote itself
     cd.oracle_text = "verbose"
     # the oracle's scan: "until_found" stops at the call that shows the defect (fewest calls);
     # "full" makes every call and states a verdict on each, so a verdict can only come from the
@@ -362,15 +364,21 @@ _DEFECT_WORD = {"noise": "noise", "blur": "blur", "teleport": "a jump", "stall":
 def oracle_turns(
     scene: Scene, defect: Defect | None, labels: dict[str, int], layout: Layout,
     pcfg: protocol.ProtocolConfig, style: str = "verbose", scan: str = "until_found",
+    cfg=None,
 ) -> list[dict]:
     """A systematic scan of the frames between the initial ones (both videos, in time order),
     then the verdict. `style`: see `oracle_text`; `scan`: see `oracle_scan` ("until_found"
-    stops once the defect has been seen, "full" makes every call and judges each)."""
-    if style not in ("verbose", "terse"):
-        raise ValueError(f"synthetic: oracle_text must be 'verbose' or 'terse', got {style!r}")
+    stops once the defect has been seen, "full" makes every call and judges each); cfg: the
+    synthetic config the pair was rendered with (needed by "describe")."""
+    if style not in ("verbose", "terse", "describe"):
+        raise ValueError("synthetic: oracle_text must be 'verbose', 'terse' or 'describe', got "
+                         f"{style!r}")
     if scan not in ("until_found", "full"):
         raise ValueError(f"synthetic: oracle_scan must be 'until_found' or 'full', got {scan!r}")
-    terse = style == "terse"
+    if style == "describe" and cfg is None:
+        raise ValueError("synthetic: oracle_text='describe' needs the synthetic config")
+    describe = style == "describe"
+    terse = style in ("terse", "describe")
     n = pcfg.num_candidates
     hits = set(layout.candidates_in(defect.frames)) if defect is not None else set()
     chunks = [layout.scan[i:i + layout.per_call] for i in range(0, len(layout.scan),
@@ -378,8 +386,24 @@ def oracle_turns(
     chunks = chunks[: pcfg.max_tool_calls]
     tie = {k: 0 for k in protocol.LABEL_KEYS}
 
+    def captions(frames) -> str:
+        out = []
+        for g in frames:
+            video, c = (1, g) if g <= n else (2, g - n)
+            d = defect if defect is not None and defect.video == video else None
+            t = int(layout.candidate_frames[c - 1])
+            out.append(f"Frame {g}: {frame_caption(scene, cfg, d, t)}")
+        return " ".join(out) + " "
+
     def verdict(chunk, frames) -> str:
         """What the frames of one call show (the next turn's synthesis)."""
+        if describe:
+            seen = sorted(hits & set(chunk))
+            if not seen:
+                return captions(frames) + "Same."
+            bad = [(0 if defect.video == 1 else n) + c for c in seen]
+            return (captions(frames) + f"Defect: frames {_frames_text(bad)} of video "
+                    f"{defect.video} show {_DEFECT_WORD[defect.kind]}.")
         seen = sorted(hits & set(chunk))
         if not seen:
             return (f"Same: frames {_frames_text(frames)}." if terse else
@@ -515,7 +539,7 @@ def generate(
             "labels": dict(pair.labels), "num_candidates": pcfg.num_candidates,
             "turns": oracle_turns(pair.scene, pair.defect, pair.labels, layout, pcfg,
                                   cfg.get("oracle_text", "verbose"),
-                                  cfg.get("oracle_scan", "until_found")),
+                                  cfg.get("oracle_scan", "until_found"), cfg),
         })
         captions[split].append({"id": pair.id, "captions": pair_captions(pair, cfg, layout)})
     paths = {}

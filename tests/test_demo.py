@@ -65,6 +65,7 @@ def test_quick_demo_table_has_real_numbers(quick_run):
     assert results["table"][0]["mean_frames_viewed"] == 8
     assert "gain" in results and isinstance(results["gain"]["oa_diff_points"], float)
     assert "initial frames only" in stdout and "OA diff" in stdout and "pairs" in stdout
+    assert results["stages"]["pretrain"]["steps"] > 0  # visual pretraining ran first
     assert results["stages"]["sft"]["steps"] > 0
     assert results["stages"]["grpo"]["steps"] > 0
     assert "rollouts" in results["stages"]["rft"]
@@ -150,3 +151,27 @@ def test_demo_configs_and_direct_answer_traces():
     assert protocol.frames_in(segs) == protocol.initial_frames(one_turn)
     assert protocol.parse_final_answer(direct["turns"][0]["content"]) == trace["labels"]
     assert "Frame 20" not in direct["turns"][0]["content"]  # nothing seen beyond the initial
+
+
+@pytest.mark.slow
+def test_verdict_probe_on_the_quick_demo(quick_run):
+    """The teacher-forced probe scores every held-out pair against its counterfactuals, with
+    the frames seen and blacked out, and prints one JSON line."""
+    out, results, _ = quick_run
+    proc = subprocess.run(
+        [sys.executable, "experiments/benchmarks/verdict_probe.py", "--demo-dir", out,
+         "--stage", "sft", "--batch", "4"],
+        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads(proc.stdout.strip().splitlines()[-1])
+    held = _jsonl(os.path.join(out, "data", "heldout.jsonl"))
+    n_defect = sum(1 for r in held if r["meta"]["defect"])
+    assert rep["pairs"] == len(held) == results["heldout_pairs"]
+    for view in ("seen", "blind"):
+        assert rep[view]["n_attribution"] == n_defect
+        assert rep[view]["n_detection"] == len(held)
+        assert 0.0 <= rep[view]["detection"] <= 1.0
+    # blacking out the frames changes what the model is scored on
+    assert rep["seen"]["mean_logp_true"] != rep["blind"]["mean_logp_true"]

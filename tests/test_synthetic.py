@@ -328,3 +328,27 @@ def test_render_unchanged_by_the_caption_refactor():
         inside = synthetic._shape_mask(fs.shape, o)
         patch = video[t, y:y + o, x:x + o][inside]
         assert np.all(patch == np.asarray(synthetic.COLOURS[fs.colour], np.uint8))
+
+
+def test_describe_oracle_captions_each_frame_then_gives_the_terse_verdict():
+    cfg = synthetic.synthetic_config(oracle_text="describe", oracle_scan="full")
+    layout = synthetic.make_layout(cfg.frames, PCFG, cfg.margin_frames)
+    for i in range(12):
+        pair, _, _ = synthetic.make_pair(i, SEED, cfg, layout)
+        caps = synthetic.pair_captions(pair, cfg, layout)
+        args = (pair.scene, pair.defect, pair.labels, layout, PCFG)
+        described = synthetic.oracle_turns(*args, style="describe", scan="full", cfg=cfg)
+        terse = synthetic.oracle_turns(*args, style="terse", scan="full")
+        assert [t.get("frames") for t in described] == [t.get("frames") for t in terse]
+        for k, turn in enumerate(described):
+            if turn["role"] != "tool":
+                continue
+            syn = described[k + 1]["content"].split("<synthesis>")[1].split("</synthesis>")[0]
+            want = " ".join(f"Frame {g}: {caps[g - 1]}" for g in turn["frames"])
+            assert syn.startswith(want + " ")
+            verdict = syn[len(want) + 1:]
+            plain = terse[k + 1]["content"].split("<synthesis>")[1].split("</synthesis>")[0]
+            assert verdict == ("Same." if plain.startswith("Same") else plain)
+        assert protocol.parse_final_answer(described[-1]["content"]) == pair.labels
+    with pytest.raises(ValueError, match="needs the synthetic config"):
+        synthetic.oracle_turns(*args, style="describe")

@@ -57,7 +57,8 @@ def counterfactuals(row: dict, layout, pcfg, syn_cfg, rng) -> dict[str, dict]:
         return {"id": row["id"], "prompt": row["prompt"], "video_a": row["video_a"],
                 "video_b": row["video_b"], "labels": labels,
                 "num_candidates": pcfg.num_candidates,
-                "turns": synthetic.oracle_turns(scene, d, labels, layout, pcfg, style, scan)}
+                "turns": synthetic.oracle_turns(scene, d, labels, layout, pcfg, style, scan,
+                                                syn_cfg)}
 
     out = {"true": trace(defect)}
     if defect is not None:

@@ -68,8 +68,11 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         # per dimension, the most visible defect (the probe above learned whole-frame noise
         # and 56 px colour changes alone, but nothing from all six kinds mixed in 400 steps)
         defect_kinds=dict(TA=("colour",), MQ=("teleport",), VQ=("noise",)),
-        # verdict-first oracle wording: the decision sits right after the frames it depends on
-        oracle_text="terse",
+        # the oracle's synthesis after each call captions every frame it returned in the
+        # pretraining captions' words, then states the terse verdict: the decision follows from
+        # text the model wrote itself (with the verdict alone, "terse", the model's verdicts
+        # did not depend on the frames: verdict_probe attribution 50% seen and blind)
+        oracle_text="describe",
         # every call made and judged: a verdict depends only on its own call's frames (scanning
         # until found lets a small model predict "Defect" from the call count instead)
         oracle_scan="full",

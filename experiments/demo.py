@@ -116,6 +116,41 @@ def train_tokenizer(corpus: list[str], out_dir: str, vocab: int) -> str:
         return tok_lib.train_sentencepiece(corpus, out_dir, int(m.group(1)))
 
 
+def open_run(demo_dir: str, stage: str):
+    """A finished run's (results dict, demo ConfigDict, tokenizer, checkpoint dir of `stage`);
+    FileNotFoundError names what is missing (benchmarks that start from a demo run)."""
+    import ml_collections
+
+    from data_pipelines import tokenizer as tok_lib
+
+    results_path = os.path.join(demo_dir, "results.json")
+    ckpt_dir = os.path.join(demo_dir, stage, "checkpoints")
+    for path in (results_path, ckpt_dir):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found: run `python -m experiments.demo --out "
+                                    f"{demo_dir}` first")
+    with open(results_path) as f:
+        res = json.load(f)
+    tok = tok_lib.load_tokenizer(os.path.join(demo_dir, "tokenizer"))
+    return res, ml_collections.ConfigDict(res["config"]), tok, ckpt_dir
+
+
+def restore_params(ckpt_dir: str, cfg, rt):
+    """The params of the latest checkpoint in ckpt_dir (a stage's TrainState), shaped like
+    rt's; FileNotFoundError when it holds none."""
+    from vrthinker_jax.train import checkpointing, steps
+
+    like = steps.init_train_state(rt.params, steps.make_optimizer(cfg.optimizer), 0)
+    ckpt = checkpointing.Checkpointer(ckpt_dir, save_every=10**9, keep=10**9)
+    try:
+        restored = ckpt.restore(like)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint")
+    return restored[0].params
+
+
 # --------------------------------------------------------------------------- stage configs
 
 
@@ -298,6 +333,11 @@ def format_results(results: dict) -> str:
             f"tool-using model vs initial-frames-only: OA diff {gain['oa_diff_points']:+.1f} "
             f"points, OA ties {gain['oa_ties_points']:+.1f} points "
             f"(goal: >= +20 overall; {'met' if gain['goal_met'] else 'NOT met'})")
+        if gain.get("oa_diff_vs_coin_flip") is not None:
+            lines.append(
+                f"tool-using model vs a coin flip between the videos (50.0 OA diff): "
+                f"{gain['oa_diff_vs_coin_flip']:+.1f} points; the 95% interval of its OA diff "
+                f"over {gain['n_oa_diff']} pairs is +/- {gain['oa_diff_ci95']:.1f}")
     return "\n".join(lines)
 
 
@@ -526,7 +566,14 @@ def run(demo, out_dir: str) -> dict:
         fo, bo = final["acc"]["OA"], base["acc"]["OA"]
         d = 100 * ((fo["diff"] or 0.0) - (bo["diff"] or 0.0))
         t = 100 * ((fo["ties"] or 0.0) - (bo["ties"] or 0.0))
+        # a model that only guesses may still fall below chance (e.g. by predicting ties,
+        # which count as wrong without ties), so the table also compares with a coin flip
+        n_diff = int(fo.get("n_diff") or 0)
+        p = fo["diff"] or 0.0
+        ci = 100 * 1.96 * math.sqrt(max(p * (1 - p), 1e-12) / max(n_diff, 1))
         results["gain"] = {"final_stage": final_name, "oa_diff_points": d,
+                           "oa_diff_vs_coin_flip": 100 * p - 50.0, "n_oa_diff": n_diff,
+                           "oa_diff_ci95": ci,
                            "oa_ties_points": t, "goal_met": bool(d >= 20 and t >= 20)}
     html_path = os.path.join(out_dir, "trace_report.html")
     rows = evaluator.rows[final_name][: int(demo.eval.html_examples)]

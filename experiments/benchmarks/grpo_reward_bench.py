@@ -50,32 +50,24 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import jax
-    import ml_collections
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
-    from data_pipelines import tokenizer as tok_lib
     from experiments import demo as demo_lib
     from experiments.configs import grpo as grpo_cfgs
-    from vrthinker_jax.train import checkpointing, grpo, runtime, steps
+    from vrthinker_jax.train import grpo, runtime
 
-    results_path = os.path.join(args.demo_dir, "results.json")
-    ckpt_dir = os.path.join(args.demo_dir, args.stage, "checkpoints")
-    for path in (results_path, ckpt_dir):
-        if not os.path.exists(path):
-            print(f"error: {path} not found: run `python -m experiments.demo --out "
-                  f"{args.demo_dir}` first", file=sys.stderr)
-            return 2
-    with open(results_path) as f:
-        res = json.load(f)
-    demo = ml_collections.ConfigDict(res["config"])
+    try:
+        res, demo, tok, ckpt_dir = demo_lib.open_run(args.demo_dir, args.stage)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     g = demo.grpo
     prompts_per_step = args.prompts or int(g.prompts_per_step)
     group = args.group or int(g.group_size)
     lr = args.lr or float(g.lr)
     temperature = args.temperature or float(g.temperature)
     data_dir = os.path.join(args.demo_dir, "data")
-    tok = tok_lib.load_tokenizer(os.path.join(args.demo_dir, "tokenizer"))
     train_pairs = demo_lib._read_jsonl(os.path.join(data_dir, "train.jsonl"))
     banks = demo_lib.load_banks(train_pairs, data_dir, int(demo.protocol.num_candidates),
                                 demo.frame_size)
@@ -93,12 +85,7 @@ def main(argv=None) -> int:
                          kl_coef=float(g.kl_coef)))
     cfg.progress = False
     rt = runtime.setup(cfg, tok)
-    tx = steps.make_optimizer(cfg.optimizer)
-    like = steps.init_train_state(rt.params, tx, 0)
-    ckpt = checkpointing.Checkpointer(ckpt_dir, save_every=10**9, keep=10**9)
-    restored = ckpt.restore(like)
-    ckpt.close()
-    rt.params = restored[0].params
+    rt.params = demo_lib.restore_params(ckpt_dir, cfg, rt)
     prompts = grpo.in_memory_prompts(cfg, records, [banks[r["id"]] for r in train_pairs],
                                      prompts_per_step)
     work = args.workdir or tempfile.mkdtemp(prefix="grpo_reward_")

@@ -86,48 +86,37 @@ def main(argv=None) -> int:
 
     import jax
     import jax.numpy as jnp
-    import ml_collections
     import numpy as np
     from absl import logging
     from flax import nnx
 
     logging.set_verbosity(logging.WARNING)
     from data_pipelines import synthetic
-    from data_pipelines import tokenizer as tok_lib
     from experiments import demo as demo_lib
     from experiments.configs import sft as sft_cfgs
     from vrthinker_jax.rollout import protocol
-    from vrthinker_jax.train import checkpointing, examples, runtime, steps
+    from vrthinker_jax.train import examples, runtime, steps
 
-    results_path = os.path.join(args.demo_dir, "results.json")
-    ckpt_dir = os.path.join(args.demo_dir, args.stage, "checkpoints")
-    for path in (results_path, ckpt_dir):
-        if not os.path.exists(path):
-            print(f"error: {path} not found: run `python -m experiments.demo --out "
-                  f"{args.demo_dir}` first", file=sys.stderr)
-            return 2
-    with open(results_path) as f:
-        res = json.load(f)
-    demo = ml_collections.ConfigDict(res["config"])
+    try:
+        res, demo, tok, ckpt_dir = demo_lib.open_run(args.demo_dir, args.stage)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     pcfg = protocol.ProtocolConfig.from_configdict(demo.protocol)
     syn_cfg = synthetic.synthetic_config(**demo.synthetic.to_dict())
     layout = synthetic.make_layout(int(syn_cfg.frames), pcfg, int(syn_cfg.margin_frames))
     data_dir = os.path.join(args.demo_dir, "data")
-    tok = tok_lib.load_tokenizer(os.path.join(args.demo_dir, "tokenizer"))
     heldout = demo_lib._read_jsonl(os.path.join(data_dir, "heldout.jsonl"))
     banks = demo_lib.load_banks(heldout, data_dir, pcfg.num_candidates, demo.frame_size)
     seq_len = int(res["lengths"]["seq_len"]) + 64
     cfg = demo_lib.stage_config(sft_cfgs, demo, tok, protocol=demo.protocol.to_dict(), steps=1,
                                 batch_size=args.batch, lr=1e-3, seq_len=seq_len)
     rt = runtime.setup(cfg, tok)
-    like = steps.init_train_state(rt.params, steps.make_optimizer(cfg.optimizer), 0)
-    ckpt = checkpointing.Checkpointer(ckpt_dir, save_every=10**9, keep=10**9)
-    restored = ckpt.restore(like)
-    ckpt.close()
-    if restored is None:
-        print(f"error: {ckpt_dir} holds no checkpoint", file=sys.stderr)
+    try:
+        params = demo_lib.restore_params(ckpt_dir, cfg, rt)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    params = restored[0].params
     spec = rt.spec
 
     @jax.jit

@@ -1,5 +1,6 @@
 """The rollout's fast paths change cost, not results: logits at chosen positions, the stacked KV
-cache written in place, attention over a static cache prefix, and bucketed inserts."""
+cache written in place, attention over a static cache prefix, bucketed inserts and chunked
+prefill."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from test_rollout_helpers import make_tokenizer, model_config_for, tiny_protocol
 
 from vrthinker_jax.models import config as model_config
 from vrthinker_jax.models import model as model_lib
+from vrthinker_jax.rollout import chat, frame_bank, memory, sampler
 from vrthinker_jax.rollout import engine as engine_lib
-from vrthinker_jax.rollout import sampler
 
 B, S, MAX_LEN = 2, 6, 24
 
@@ -157,3 +158,69 @@ def test_bucketed_inserts_give_the_same_rollout():
         np.testing.assert_array_equal(a.tokens, b.tokens)
         np.testing.assert_array_equal(a.visible_until, b.visible_until)
         np.testing.assert_allclose(a.logp, b.logp, atol=1e-5)
+
+
+def _segment(cfg, rng, lengths, frames, next_pos, r, f):
+    """A Segment of random text with each row's frames as vision runs (None: row not served)."""
+    tpf = 2  # FRAME_HW below: 1 x 2 merged tokens per frame
+    b = len(lengths)
+    tokens = rng.integers(1, 400, (b, r)).astype(np.int32)
+    positions = np.zeros((3, b, r), np.int32)
+    out = dict(length=np.zeros(b, np.int32), next_pos=np.asarray(next_pos, np.int32).copy(),
+               frames=np.zeros((b, f), np.int32), frame_offsets=np.zeros((b, f), np.int32),
+               event_offset=np.zeros(b, np.int32), serve=np.zeros(b, bool))
+    for i, (n, fr) in enumerate(zip(lengths, frames)):
+        if n is None:
+            continue
+        frame_of = np.full(n, -1, np.int32)
+        for j, frame in enumerate(fr):
+            at = 2 + 5 * j  # <|vision_start|> pad pad <|vision_end|>, then text
+            tokens[i, at: at + 4] = [cfg.vision_start_token_id] + [cfg.image_token_id] * tpf + [
+                cfg.vision_end_token_id]
+            frame_of[at + 1: at + 1 + tpf] = j
+            out["frames"][i, j], out["frame_offsets"][i, j] = frame, at + 1
+        pos, out["next_pos"][i] = chat.mrope_positions(frame_of, (1, 2), int(next_pos[i]))
+        positions[:, i, :n] = pos
+        out["length"][i], out["serve"][i] = n, True
+    return sampler.Segment(tokens=jnp.asarray(tokens), positions=jnp.asarray(positions),
+                           **{k: jnp.asarray(v) for k, v in out.items()})
+
+
+@pytest.mark.slow  # two insert compiles: ~10 s on 2 busy cores (the fast rollout tests run the
+# chunked path too: greedy parity with transformers, training reproduces rollout log-probs)
+def test_chunked_prefill_equals_whole_segment_insert():
+    """An insert prefilled in chunks (7 tokens, not dividing the segment; padding chunks skipped;
+    each chunk attending over its own cache prefix) gives the whole-segment insert's state: a
+    prompt insert, then a response insert serving two of three rows that evicts a frame."""
+    m = _model(False)
+    cfg = m.config
+    graphdef, params = nnx.split(m)
+    rng = np.random.default_rng(0)
+    bank = jnp.asarray(rng.integers(0, 256, (3, 8, 28, 56, 3), np.uint8))
+    prompt = _segment(cfg, rng, [37, 12, 25], [[3, 5], [], [8]], [0, 0, 0], 40, 2)
+    base = dict(max_len=96, scratch=40, window=3, tokens_per_frame=2,
+                image_pad_id=int(cfg.image_token_id), stop_tool=((1,),), stop_end=((2,),),
+                temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=8, max_turn_tokens=8,
+                patch=frame_bank.PatchSpec.from_model_config(cfg), kv_buckets=3)
+    out = {}
+    for chunk in (0, 7):
+        st = sampler.Static(**base, prefill_chunk=chunk)
+        assert len(st.kv_prefixes()) == 3
+        ins = jax.jit(functools.partial(sampler.insert, graphdef, st=st))
+        s = sampler.init_state(model_lib.init_cache, cfg, 3, st, jax.random.key(0), jnp.float32)
+        s = ins(params, s, bank, prompt)
+        resp = _segment(cfg, np.random.default_rng(1), [30, None, 9], [[1, 2], None, [6]],
+                        np.asarray(s.next_pos), 40, 2)
+        out[chunk] = jax.device_get(ins(params, s, bank, resp))
+    whole, chunked = out[0], out[7]
+    assert list(whole.cache_index) == [67, 12, 34]
+    assert (whole.visible_until < memory.NEVER).any()  # the response evicted a frame
+    for name in ("cache_index", "next_pos", "written", "visible_until", "tokens", "kind",
+                 "positions", "status", "memory"):
+        for a, b in zip(jax.tree.leaves(getattr(whole, name)),
+                        jax.tree.leaves(getattr(chunked, name))):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    np.testing.assert_allclose(chunked.next_logits, whole.next_logits, atol=1e-5, rtol=1e-5)
+    w = whole.written[None, :, None, :, None]  # compare the cache at written slots only
+    for a, b in ((whole.cache.k, chunked.cache.k), (whole.cache.v, chunked.cache.v)):
+        np.testing.assert_allclose(np.where(w, b, 0), np.where(w, a, 0), atol=1e-5)

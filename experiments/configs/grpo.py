@@ -41,7 +41,10 @@ def get_config(size: str = "tiny"):
         c.log_every = 1
     else:
         c.sampling.update(dict(max_len=20480, max_new_tokens=3072, max_turn_tokens=768,
-                               prompt_buckets=(3072, 4096), cache_dtype="bfloat16"))
+                               prompt_buckets=(3072, 4096), cache_dtype="bfloat16",
+                               # one prefill pass: a TPU prefill is compute-bound (chunks re-read
+                               # the weights), and it is what tools/plan.py compiles
+                               prefill_chunk=0))
         c.steps = 500
         c.ckpt_every = 20
     return c

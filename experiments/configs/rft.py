@@ -22,6 +22,9 @@ def get_config(size: str = "tiny"):
                                prompt_buckets=(512, 1024)))
     else:
         c.sampling.update(dict(max_len=20480, max_new_tokens=3072, max_turn_tokens=768,
-                               prompt_buckets=(3072, 4096)))
+                               prompt_buckets=(3072, 4096),
+                               # one prefill pass: a TPU prefill is compute-bound (chunks re-read
+                               # the weights), and it is what tools/plan.py compiles
+                               prefill_chunk=0))
         c.optimizer.lr = 5e-6
     return c

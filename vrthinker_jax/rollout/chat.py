@@ -158,26 +158,26 @@ def mrope_positions(
     """
     rows, cols = merged_grid
     per_frame = rows * cols
-    frame_of_token = np.asarray(frame_of_token)
-    n = frame_of_token.shape[0]
-    pos = np.zeros((3, n), np.int32)
-    cur = int(start)
-    i = 0
-    while i < n:
-        if frame_of_token[i] < 0:
-            pos[:, i] = cur
-            cur += 1
-            i += 1
-            continue
-        occ = frame_of_token[i]
-        if i + per_frame > n or np.any(frame_of_token[i : i + per_frame] != occ):
-            raise ValueError(
-                f"frame occurrence {occ} at token {i} does not have {per_frame} contiguous tokens"
-            )
-        k = np.arange(per_frame)
-        pos[0, i : i + per_frame] = cur
-        pos[1, i : i + per_frame] = cur + k // cols
-        pos[2, i : i + per_frame] = cur + k % cols
-        cur += max(rows, cols)
-        i += per_frame
-    return pos, cur
+    f = np.asarray(frame_of_token)
+    n = f.shape[0]
+    idx = np.arange(n)
+    # runs of one occurrence id; each frame is per_frame consecutive tokens of its run
+    # (vectorised: the rollout computes this for every served row of every insert)
+    vis = f >= 0
+    run_start = vis & np.concatenate([[True], f[1:] != f[:-1]])
+    run_end = vis & np.concatenate([f[1:] != f[:-1], [True]])  # last token of a run
+    starts, ends = np.nonzero(run_start)[0], np.nonzero(run_end)[0] + 1
+    bad = (ends - starts) % per_frame != 0
+    if bad.any():
+        r = int(np.argmax(bad))
+        i = int(starts[r] + (ends[r] - starts[r]) // per_frame * per_frame)
+        raise ValueError(
+            f"frame occurrence {f[i]} at token {i} does not have {per_frame} contiguous tokens"
+        )
+    k = (idx - np.maximum.accumulate(np.where(run_start, idx, 0))) % per_frame  # within frame
+    # a text token advances the running index by 1, a frame by max(rows, cols) after its last
+    # token; each token sits at the index before its own advance
+    adv = np.where(vis, np.where(k == per_frame - 1, max(rows, cols), 0), 1)
+    cur = int(start) + np.cumsum(adv) - adv
+    pos = np.stack([cur, cur + np.where(vis, k // cols, 0), cur + np.where(vis, k % cols, 0)])
+    return pos.astype(np.int32), int(start) + int(adv.sum())

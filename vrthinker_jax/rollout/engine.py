@@ -4,9 +4,11 @@ Per event the host reads the small status arrays, parses the tool calls of the r
 the environment (`protocol.parse_tool_call`), tokenises the responses (`chat.tokenize_segments`),
 computes their M-RoPE positions (`chat.mrope_positions`), and hands them to the compiled
 `sampler.insert`, which gathers the frames from the on-device bank, encodes them in one chunk,
-updates the memory window and prefills them. Shapes never depend on the number of tool calls, so
-K tool calls compile exactly as often as one: once per prompt bucket for the prompt insert, once
-for the response insert, once for the decode loop (and once for `finish_rows`).
+updates the memory window and prefills them (`sampling.prefill_chunk` tokens at a time, skipping
+the chunks past the longest real response, so one static response length `resp_len` costs what
+the responses need). Shapes never depend on the number of tool calls, so K tool calls compile
+exactly as often as one: once per prompt bucket for the prompt insert, once for the response
+insert, once for the decode loop (and once for `finish_rows` and the state's init).
 """
 
 from __future__ import annotations
@@ -144,6 +146,7 @@ class RolloutEngine:
             raise ValueError(f"sampling: largest prompt bucket {max(sampling_cfg.prompt_buckets)}"
                              f" exceeds max_len {max_len}")
         ends = [protocol.IM_END, "<|endoftext|>"]
+        defaults = sampler.sampling_config()  # for knobs a hand-built config leaves out
         self.static = sampler.Static(
             max_len=max_len,
             # rows not served by an insert write their padded segment here
@@ -160,7 +163,8 @@ class RolloutEngine:
             max_turn_tokens=int(sampling_cfg.max_turn_tokens),
             patch=self.patch,
             serve_fraction=float(sampling_cfg.get("serve_fraction", 0.0)),
-            kv_buckets=int(sampling_cfg.get("insert_kv_buckets", 4)),
+            kv_buckets=int(sampling_cfg.get("insert_kv_buckets", defaults.insert_kv_buckets)),
+            prefill_chunk=int(sampling_cfg.get("prefill_chunk", defaults.prefill_chunk)),
             vocab_limit=(int(tokenizer.vocab_size)
                          if sampling_cfg.get("restrict_to_tokenizer_vocab", True) else 0),
         )
@@ -187,14 +191,18 @@ class RolloutEngine:
     def _batch_put(self, x, batch_dim: int = 0):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
         if self.mesh is None:
-            return jnp.asarray(x)
+            return jax.device_put(x)
         return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim, batch_dim))
 
     def _put_segment(self, seg: sampler.Segment) -> sampler.Segment:
-        return sampler.Segment(**{
-            f.name: self._batch_put(getattr(seg, f.name), 1 if f.name == "positions" else 0)
+        """The segment's arrays on device in one transfer (split over the batch on a mesh)."""
+        if self.mesh is None:
+            return jax.device_put(seg)
+        return jax.device_put(seg, sampler.Segment(**{
+            f.name: sharding.batch_sharding(self.mesh, getattr(seg, f.name).ndim,
+                                            1 if f.name == "positions" else 0)
             for f in dataclasses.fields(seg)
-        })
+        }))
 
     def _state_shardings(self, batch: int):
         """NamedShardings of a RolloutState: batch split, rng replicated."""

@@ -18,8 +18,11 @@ event starts; their keys stay in the cache, masked.
 Cost: attention is the part that grows with the cache, so both compiled functions attend over the
 shortest of a few static cache prefixes (`Static.kv_prefixes`, `sampling.insert_kv_buckets`) that
 holds every active row's keys, chosen per layer inside the executable by a `lax.switch` that only
-reads the cache (one compile however long the conversation gets; writes stay in place); an insert
-projects only each row's last token to the vocabulary.
+reads the cache (one compile however long the conversation gets; writes stay in place). An insert
+prefills `sampling.prefill_chunk` tokens at a time in a while loop that stops after the longest
+real segment: each chunk reads only the prefix its queries can see (causal), and the padding of
+the static segment length costs no decoder work, so one static response length serves every tool
+response. An insert projects only each row's last token to the vocabulary.
 """
 
 from __future__ import annotations
@@ -58,11 +61,19 @@ def sampling_config(**overrides) -> ml_collections.ConfigDict:
     # never draw ids >= the tokenizer's vocab_size (the model's embedding table is padded past
     # it, as Qwen's is); log-probs stay those of the full softmax the learner recomputes
     cd.restrict_to_tokenizer_vocab = True
-    # an insert attends over the shortest of this many static cache prefixes (equal fractions of
-    # the cache) that holds every served row's segment: all of them live in one compiled insert
-    # (a lax.switch), so early turns stop paying for the whole cache without extra compiles;
-    # 1 = always attend over the whole cache (cheapest compile)
-    cd.insert_kv_buckets = 4
+    # inserts (each prefill chunk) and decode steps attend over the shortest of this many static
+    # cache prefixes (equal fractions of the cache) that holds every key their active rows see:
+    # all of them live in one compiled function (a lax.switch), so early turns and early prefill
+    # chunks stop paying for the whole cache without extra compiles; more prefixes waste fewer
+    # keys but compile longer (16 vs 4: rollout_bench K=6 1.39 -> 1.08 s on CPU, first rollout
+    # ~3 s slower); 1 = always attend over the whole cache (cheapest compile)
+    cd.insert_kv_buckets = 16
+    # inserts prefill this many tokens at a time (a while loop over chunks, in one executable):
+    # chunk j attends only over the keys up to its own end, and chunks after the longest real
+    # segment are skipped, so the padding of a segment's static length costs no decoder work;
+    # smaller chunks skip more but make more (smaller) passes over the weights; 0 = the whole
+    # segment in one pass
+    cd.prefill_chunk = 64
     # KV-cache dtype of the trainers' rollout engines ('float32' | 'bfloat16'): bf16 halves the
     # cache, the largest rollout buffer at 7B (tools/plan.py)
     cd.cache_dtype = "float32"
@@ -155,6 +166,7 @@ class Static:
     vocab_limit: int = 0  # draw only ids < this (0 = any id)
     serve_fraction: float = 0.0  # see sampling_config
     kv_buckets: int = 1  # sampling_config.insert_kv_buckets
+    prefill_chunk: int = 0  # sampling_config.prefill_chunk
 
     def kv_prefixes(self) -> tuple[int, ...]:
         """Increasing static cache-prefix lengths an insert may attend over (last = size)."""
@@ -379,13 +391,83 @@ def decode(graphdef, params, state: RolloutState, st: Static) -> RolloutState:
 # --------------------------------------------------------------------------- segment insert
 
 
+def _prefill_chunks(graphdef, params, model, cache, seg: Segment, embeds, start, length,
+                    written, visible_until, st: Static):
+    """Runs a segment through the decoder into the cache, `st.prefill_chunk` queries at a time.
+
+    embeds [b, R, hidden]; start, length int32 [b] (unserved rows: start = max_len, length 0);
+    written bool [b, S] already includes the segment's slots; visible_until int32 [b, S].
+    Returns (cache, float32 [b, vocab] logits after each row's last real token).
+
+    Chunk j's queries see keys up to their own slot, so its attention reads only the shortest
+    static cache prefix (`Static.kv_prefixes`) holding `start + (j + 1) * chunk` for the rows it
+    serves: a prompt's first chunk reads its first keys only, not the whole prompt. The chunks run
+    in a while loop that stops after the last chunk holding a real token of a served row, so the
+    padding of a segment's static length costs no decoder work. Chunks see the same keys as one
+    whole-segment call and give the same results up to float rounding (tested).
+    """
+    b, r = seg.tokens.shape
+    slots = jnp.arange(st.size)[None]
+    last = jnp.clip(length - 1, 0, r - 1)
+    c = st.prefill_chunk if 0 < st.prefill_chunk < r else r
+    n_chunks = -(-r // c)
+    pad = n_chunks * c - r
+    tokens = jnp.pad(seg.tokens, ((0, 0), (0, pad)))
+    positions = jnp.pad(seg.positions, ((0, 0), (0, 0), (0, pad)))
+    embeds = jnp.pad(embeds, ((0, 0), (0, pad), (0, 0)))
+
+    def run(m, j, cache):
+        """Chunk j (traced int32): (normed hidden [b, 1, hidden] at each row's last position
+        clipped into the chunk, cache)."""
+        off = j * c
+        rel = off + jnp.arange(c)[None]
+        real = rel < length[:, None]  # [b, c]
+        q_slot = start[:, None] + rel  # [b, c]
+        mask = (
+            written[:, None, :]
+            & (slots[:, None] <= q_slot[:, :, None])
+            & (q_slot[:, :, None] < visible_until[:, None, :])
+        )
+        # padding queries see only themselves (their outputs are discarded)
+        mask = jnp.where(real[:, :, None], mask, slots[:, None] == q_slot[:, :, None])
+        # attention reads only a static prefix of the cache that holds every key a real query of
+        # this chunk sees (later slots are unwritten, scratch, or after the chunk)
+        live = seg.serve & (length > off)
+        need = jnp.max(jnp.where(live, start + jnp.minimum(length, off + c), 0))
+        return m(
+            jax.lax.dynamic_slice_in_dim(tokens, off, c, 1),
+            jax.lax.dynamic_slice_in_dim(positions, off, c, 2), mask,
+            inputs_embeds=jax.lax.dynamic_slice_in_dim(embeds, off, c, 1), cache=cache,
+            cache_index=start + off, logits_at=jnp.clip(last - off, 0, c - 1)[:, None],
+            kv_prefixes=st.kv_prefixes(), kv_need=need, return_hidden=True,
+        )
+
+    if n_chunks == 1:  # one call, no loop
+        hidden, cache = run(model, jnp.int32(0), cache)
+        return cache, model.logits(hidden)[:, 0]
+
+    def body(j, carry):
+        cache, hidden = carry
+        # merged inside the loop body: see `decode`
+        m = nnx.merge(graphdef, jax.tree.map(lambda x: x, params))
+        h, cache = run(m, j, cache)
+        mine = (last >= j * c) & (last < (j + 1) * c)  # the chunk holds the row's last token
+        return cache, jnp.where(mine[:, None, None], h, hidden)
+
+    n_live = (jnp.max(length) + c - 1) // c
+    hidden = jnp.zeros((b, 1, embeds.shape[-1]), embeds.dtype)
+    cache, hidden = jax.lax.fori_loop(0, n_live, body, (cache, hidden))
+    return cache, model.logits(hidden)[:, 0]
+
+
 def insert(graphdef, params, state: RolloutState, bank: jax.Array, seg: Segment, st: Static):
     """Appends a context segment (prompt or environment response) to the served rows.
 
     Frames are gathered from the bank (uint8 [b, total, H, W, 3]), encoded by the vision tower in
-    one chunk of b * F images, written into the image-pad positions, and the whole segment is
-    prefilled into the cache at each served row's `cache_index`. Served rows become RUNNING with
-    the segment's last logits as their next-token logits.
+    one chunk of b * F images, written into the image-pad positions, and the segment is prefilled
+    into the cache at each served row's `cache_index`, `prefill_chunk` tokens at a time
+    (`_prefill_chunks`: padding chunks are skipped). Served rows become RUNNING with the
+    segment's last logits as their next-token logits.
     """
     model = nnx.merge(graphdef, params)
     b, r = seg.tokens.shape
@@ -406,29 +488,16 @@ def insert(graphdef, params, state: RolloutState, bank: jax.Array, seg: Segment,
     pixels = frame_bank.gather_frames(bank, seg.frames)  # [b, F, H, W, 3]
     embeds = frame_bank.embed_with_frames(model, seg.tokens, pixels, st.patch, st.image_pad_id)
 
-    # 3) prefill into the cache at each row's offset
+    # 3) prefill into the cache at each row's offset, `prefill_chunk` queries at a time
     rel = jnp.arange(r)[None]
     real = rel < length[:, None]  # [b, R]
     q_slot = start[:, None] + rel  # [b, R]
     new = (slots >= start[:, None]) & (slots < (start + length)[:, None])  # [b, S]
     written = state.written | new
-    mask = (
-        written[:, None, :]
-        & (slots[:, None] <= q_slot[:, :, None])
-        & (q_slot[:, :, None] < visible_until[:, None, :])
+    cache, last_logits = _prefill_chunks(
+        graphdef, params, model, state.cache, seg, embeds, start, length, written, visible_until,
+        st,
     )
-    # padding queries see only themselves (their outputs are discarded)
-    mask = jnp.where(real[:, :, None], mask, slots[:, None] == q_slot[:, :, None])
-    last = jnp.clip(length - 1, 0, r - 1)
-
-    # attention reads only a static prefix of the cache that holds every served row's segment
-    # (later slots are unwritten or scratch, invisible to every real query)
-    need = jnp.max(jnp.where(serve, start + length, 0))
-    logits, cache = model(
-        seg.tokens, seg.positions, mask, inputs_embeds=embeds, cache=state.cache,
-        cache_index=start, logits_at=last[:, None], kv_prefixes=st.kv_prefixes(), kv_need=need,
-    )
-    last_logits = logits[:, 0]
 
     # 4) record the segment in the sequence buffers (padding entries land in the last slot)
     rows = jnp.arange(b)[:, None]

@@ -615,7 +615,9 @@ def plan_learner(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int) -> S
 
 def rollout_static(cfg, *, scratch: int):
     """The sampler's static settings for the config (stop sequences are placeholders: they only
-    change which token ids are compared, not shapes or cost)."""
+    change which token ids are compared, not shapes or cost). The insert is planned as one pass
+    over the segment attending the whole cache (`sampling.prefill_chunk=0`, as the 3b/7b configs
+    ship; `insert_kv_buckets` prefixes only ever read less)."""
     from vrthinker_jax.rollout import frame_bank, sampler
 
     mcfg, sc = cfg.model, cfg.sampling

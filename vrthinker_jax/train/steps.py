@@ -409,10 +409,23 @@ def step_fn(kind: str, *, graphdef, spec: StepSpec, optimizer: ml_collections.Co
 
 
 def place_state(state: TrainState, mesh: Mesh | None) -> TrainState:
-    """Puts the state on the mesh by its logical axes (no-op without a mesh)."""
+    """Puts the state on the mesh by its logical axes (no-op without a mesh).
+
+    The placed arrays never share buffers with `state`: the step functions donate the placed
+    state, and jax.device_put of an array onto a replicated sharding over devices that include
+    its own reuses its buffer (even with may_alias=False, jax 0.10.2), so the first step would
+    delete the caller's array. Replicated leaves (norms, biases, the patch embedding: small) are
+    copied."""
     if mesh is None:
         return state
-    return jax.device_put(state, train_state_shardings(state, mesh))
+    placed = jax.device_put(state, train_state_shardings(state, mesh))
+
+    def own(src, dst):
+        if isinstance(src, jax.Array) and dst.sharding.is_fully_replicated:
+            return jnp.copy(dst)
+        return dst
+
+    return jax.tree.map(own, state, placed)
 
 
 def put_batch(batch: dict, mesh: Mesh | None) -> dict:

@@ -236,15 +236,18 @@ def train_flops(model_cfg, *, batch: int, seq: int, frames: int, frame_size, rem
 
 
 def prefill_flops(model_cfg, *, batch: int, seg_len: int, kv_len: int, frames: int,
-                  frame_size, layers: int | None = None, attn_trips: int = 1) -> dict:
+                  frame_size, layers: int | None = None, attn_trips: int = 1,
+                  logit_positions: int = 1) -> dict:
     """Forward FLOPs of prefilling `seg_len` tokens per row attending over `kv_len` cache slots
-    (layers / attn_trips as in `train_flops`)."""
+    (layers / attn_trips as in `train_flops`), projecting `logit_positions` of them per row to
+    the vocabulary (an insert projects only each row's last token: `sampler.insert`
+    logits_at; a plain forward all seg_len)."""
     n = param_counts(model_cfg)
     t = model_cfg.text
     nl = _layers(model_cfg, layers)
     patches = vision_patches_per_frame(model_cfg, frame_size)
-    fwd = (2.0 * (n.text_layers_matmul * nl // t.num_hidden_layers + n.head_matmul)
-           * batch * seg_len
+    fwd = (2.0 * (n.text_layers_matmul * nl // t.num_hidden_layers) * batch * seg_len
+           + 2.0 * n.head_matmul * batch * logit_positions
            + 4.0 * nl * t.num_attention_heads * t.head_dim * seg_len * kv_len
            * batch / attn_trips
            + 2.0 * n.vision_matmul * patches * frames * batch

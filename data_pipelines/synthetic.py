@@ -77,6 +77,10 @@ def synthetic_config(**overrides) -> ml_collections.ConfigDict:
     # describes each frame of the call in its caption's words (`frame_caption`), then gives the
     # terse verdict, so the verdict follows from text the model wrote itself
     cd.oracle_text = "verbose"
+    # "judge" asks for each moment's two frames side by side (video 1's, then video 2's) and
+    # states one verdict per moment: "3 vs 19: same. 7 vs 23: video 2 noise." No text so far
+    # predicts a verdict (the videos differ only by the defect), each sits at a fixed distance
+    # from the two frames it is about, and it names the defect's kind
     # the oracle's scan: "until_found" stops at the call that shows the defect (fewest calls);
     # "full" makes every call and states a verdict on each, so a verdict can only come from the
     # frames of its own call (with "until_found" the number of calls made so far predicts the
@@ -357,6 +361,11 @@ def _frames_text(frames) -> str:
     return ", ".join(str(f) for f in frames)
 
 
+ORACLE_STYLES = ("verbose", "terse", "describe", "judge")
+# one word per kind for the "judge" verdicts
+_JUDGE_WORD = {"noise": "noise", "blur": "blur", "teleport": "jump", "stall": "stall",
+               "colour": "colour", "shape": "shape"}
+
 _DEFECT_WORD = {"noise": "noise", "blur": "blur", "teleport": "a jump", "stall": "a stall",
                 "colour": "the wrong colour", "shape": "the wrong shape"}
 
@@ -370,15 +379,14 @@ def oracle_turns(
     then the verdict. `style`: see `oracle_text`; `scan`: see `oracle_scan` ("until_found"
     stops once the defect has been seen, "full" makes every call and judges each); cfg: the
     synthetic config the pair was rendered with (needed by "describe")."""
-    if style not in ("verbose", "terse", "describe"):
-        raise ValueError("synthetic: oracle_text must be 'verbose', 'terse' or 'describe', got "
-                         f"{style!r}")
+    if style not in ORACLE_STYLES:
+        raise ValueError(f"synthetic: oracle_text must be one of {ORACLE_STYLES}, got {style!r}")
     if scan not in ("until_found", "full"):
         raise ValueError(f"synthetic: oracle_scan must be 'until_found' or 'full', got {scan!r}")
     if style == "describe" and cfg is None:
         raise ValueError("synthetic: oracle_text='describe' needs the synthetic config")
     describe = style == "describe"
-    terse = style in ("terse", "describe")
+    terse = style in ("terse", "describe", "judge")
     n = pcfg.num_candidates
     hits = set(layout.candidates_in(defect.frames)) if defect is not None else set()
     chunks = [layout.scan[i:i + layout.per_call] for i in range(0, len(layout.scan),
@@ -397,6 +405,13 @@ def oracle_turns(
 
     def verdict(chunk, frames) -> str:
         """What the frames of one call show (the next turn's synthesis)."""
+        if style == "judge":
+            out = []
+            for c in chunk:
+                said = (f"video {defect.video} {_JUDGE_WORD[defect.kind]}" if c in hits
+                        else "same")
+                out.append(f"{c} vs {n + c}: {said}.")
+            return " ".join(out)
         if describe:
             seen = sorted(hits & set(chunk))
             if not seen:
@@ -424,6 +439,8 @@ def oracle_turns(
                  f"{scene.direction} and look the same.")
     for chunk in chunks:
         frames = list(chunk) + [n + c for c in chunk]
+        if style == "judge":  # the two frames of each moment side by side
+            frames = [g for c in chunk for g in (c, n + c)]
         video2 = _frames_text(frames[len(chunk):])
         think = (f"Check frames {_frames_text(frames)}." if terse else
                  "A short defect can hide between the initial frames, so I compare frames "

@@ -89,6 +89,23 @@ def direct_answer_trace(trace: dict) -> dict:
         synthesis, think, {k: int(trace["labels"][k]) for k in LABEL_KEYS})}]}
 
 
+def defect_oversampling(pairs: list[dict], frames_per_pair: int, share: float
+                        ) -> tuple[list[list[int]], int]:
+    """Per pair, the defective frames to caption again so that they make about `share` of the
+    pretraining rows (they are ~5% of all frames; a model pretrained on the plain mix learned
+    the colours, which every caption names, but rarely saw noise). Returns (extra frames per
+    pair, number of distinct defective frames)."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"demo: pretrain.defect_share must be in [0, 1), got {share}")
+    bad = [list(((r.get("meta") or {}).get("defect") or {}).get("global_frames", []))
+           for r in pairs]
+    n_bad, n_all = sum(len(b) for b in bad), frames_per_pair * len(pairs)
+    if share == 0.0 or n_bad == 0 or n_bad / n_all >= share:
+        return [[] for _ in pairs], n_bad
+    repeats = int(round((share * n_all - n_bad) / (n_bad * (1.0 - share))))
+    return [b * repeats for b in bad], n_bad
+
+
 def load_banks(records: list[dict], data_dir: str, num_candidates: int, size) -> dict:
     """id -> uint8 [2N, H, W, 3] candidate frames of both videos (decoded once, kept in memory)."""
     from data_pipelines import banks
@@ -445,13 +462,17 @@ def run(demo, out_dir: str) -> dict:
                                     warmup=pt.warmup_steps)
             pcfg_pre.data.max_frames = 1
             by_id = {r["id"]: r for r in train_captions}
+            extra, n_defect = defect_oversampling(train_pairs, pcfg.total_frames,
+                                                  float(pt.get("defect_share", 0.0)))
             pds = sft.caption_dataset(pcfg_pre, [by_id[r["id"]] for r in train_pairs],
-                                      train_banks, tok, rt)
+                                      train_banks, tok, rt, extra_frames=extra)
             rt, phist = sft.run_sft(pcfg_pre, os.path.join(out_dir, "pretrain"), pds, rt=rt,
                                     logger=logger, tag="pretrain")
         results["stages"]["pretrain"] = {"steps": len(phist), "loss_first": phist[0]["loss"],
                                          "loss_last": phist[-1]["loss"],
-                                         "frames": len(train_pairs) * pcfg.total_frames}
+                                         "frames": len(train_pairs) * pcfg.total_frames,
+                                         "defect_frames": n_defect,
+                                         "defect_repeats": sum(len(e) for e in extra)}
         print(f"[demo] visual pretraining: caption loss {phist[0]['loss']:.3f} -> "
               f"{phist[-1]['loss']:.3f} over {len(phist)} steps", flush=True)
     # ---- 3. baseline: initial frames only (max_turns=1), same pairs, same labels

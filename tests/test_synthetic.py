@@ -352,3 +352,32 @@ def test_describe_oracle_captions_each_frame_then_gives_the_terse_verdict():
         assert protocol.parse_final_answer(described[-1]["content"]) == pair.labels
     with pytest.raises(ValueError, match="needs the synthetic config"):
         synthetic.oracle_turns(*args, style="describe")
+
+
+def test_judge_oracle_states_one_verdict_per_moment_on_its_two_frames():
+    cfg = synthetic.synthetic_config(oracle_text="judge", oracle_scan="full")
+    layout = synthetic.make_layout(cfg.frames, PCFG, cfg.margin_frames)
+    n = PCFG.num_candidates
+    seen_defect = 0
+    for i in range(16):
+        pair, _, _ = synthetic.make_pair(i, SEED, cfg, layout)
+        judged = synthetic.oracle_turns(pair.scene, pair.defect, pair.labels, layout, PCFG,
+                                        style="judge", scan="full", cfg=cfg)
+        hits = set(layout.candidates_in(pair.defect.frames)) if pair.defect else set()
+        for k, turn in enumerate(judged):
+            if turn["role"] != "tool":
+                continue
+            moments = turn["frames"][::2]
+            assert turn["frames"] == [g for c in moments for g in (c, n + c)]
+            syn = judged[k + 1]["content"].split("<synthesis>")[1].split("</synthesis>")[0]
+            want = []
+            for c in moments:
+                if c in hits:
+                    word = synthetic._JUDGE_WORD[pair.defect.kind]
+                    want.append(f"{c} vs {n + c}: video {pair.defect.video} {word}.")
+                    seen_defect += 1
+                else:
+                    want.append(f"{c} vs {n + c}: same.")
+            assert syn == " ".join(want)
+        assert protocol.parse_final_answer(judged[-1]["content"]) == pair.labels
+    assert seen_defect > 0

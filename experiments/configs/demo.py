@@ -68,11 +68,13 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         # per dimension, the most visible defect (the probe above learned whole-frame noise
         # and 56 px colour changes alone, but nothing from all six kinds mixed in 400 steps)
         defect_kinds=dict(TA=("colour",), MQ=("teleport",), VQ=("noise",)),
-        # the oracle's synthesis after each call captions every frame it returned in the
-        # pretraining captions' words, then states the terse verdict: the decision follows from
-        # text the model wrote itself (with the verdict alone, "terse", the model's verdicts
-        # did not depend on the frames: verdict_probe attribution 50% seen and blind)
-        oracle_text="describe",
+        # the oracle's synthesis after each call judges each moment of the call on its two
+        # frames ("3 vs 19: same. 7 vs 23: video 2 noise."). Tried before: "terse" (one verdict
+        # per call, no pretraining): the verdicts did not depend on the frames (verdict_probe
+        # attribution 50% seen and blind); "describe" (a caption per frame, then the verdict):
+        # the model captioned video 2's frames by copying video 1's captions of the same
+        # moments, which is right for every frame but the defect's
+        oracle_text="judge",
         # every call made and judged: a verdict depends only on its own call's frames (scanning
         # until found lets a small model predict "Defect" from the call count instead)
         oracle_scan="full",
@@ -102,6 +104,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         batch_size=4 if quick else 32,
         lr=1e-3 if quick else 2e-3,
         warmup_steps=1 if quick else 20,
+        # defective frames are ~5% of all frames: they are captioned again until they make this
+        # share of the rows (0 = the plain mix)
+        defect_share=0.25,
     ))
 
     # ---- stage i: cold-start SFT on the oracle traces

@@ -83,20 +83,28 @@ def in_memory_dataset(cfg, traces: list[dict], banks: list[np.ndarray], tokenize
 
 
 def caption_dataset(cfg, captions: list[dict], banks: list[np.ndarray], tokenizer,
-                    rt: runtime.Runtime) -> grain.MapDataset:
+                    rt: runtime.Runtime, *, extra_frames: list[list[int]] | None = None
+                    ) -> grain.MapDataset:
     """Visual-pretraining batches: one frame and its caption per row (`protocol.
     caption_segments`; data.max_frames = 1). captions: per pair {"id", "captions": one caption
     per global frame, in order} (`data_pipelines.synthetic` writes them); banks: the pairs'
-    frame banks, in the same order."""
+    frame banks, in the same order. extra_frames: per pair, 1-based global frames added once
+    more each (repeats allowed): oversamples rare frames, e.g. the defective ones."""
     if len(captions) != len(banks):
         raise ValueError(f"{len(captions)} caption records but {len(banks)} frame banks")
+    if extra_frames is not None and len(extra_frames) != len(captions):
+        raise ValueError(f"{len(extra_frames)} extra_frames lists for {len(captions)} records")
     items, item_banks = [], []
-    for rec, bank in zip(captions, banks, strict=True):
+    for i, (rec, bank) in enumerate(zip(captions, banks, strict=True)):
         if len(rec["captions"]) != bank.shape[0]:
             raise ValueError(f"captions of {rec.get('id')!r}: {len(rec['captions'])} captions "
                              f"for {bank.shape[0]} frames")
-        for g, text in enumerate(rec["captions"], start=1):
-            items.append({"id": rec.get("id"), "frame": g, "caption": text})
+        frames = list(range(1, bank.shape[0] + 1)) + list(extra_frames[i] if extra_frames else [])
+        for g in frames:
+            if not 1 <= g <= bank.shape[0]:
+                raise ValueError(f"captions of {rec.get('id')!r}: extra frame {g} is not in "
+                                 f"1..{bank.shape[0]}")
+            items.append({"id": rec.get("id"), "frame": g, "caption": rec["captions"][g - 1]})
             item_banks.append(bank)
     return in_memory_dataset(cfg, items, item_banks, tokenizer, rt,
                              to_segments=_caption_segments)

@@ -18,7 +18,8 @@ Outputs under --out: `videos/*.mp4`, `train.jsonl` / `heldout.jsonl` (`video_pai
 `cot_train.jsonl` / `cot_heldout.jsonl` (oracle `vrthinker_cot` traces: a systematic scan of the
 frames between the initial ones with `select_frames`, then the correct verdict),
 `captions_train.jsonl` / `captions_heldout.jsonl` (a caption of every candidate frame: what the
-object looks like, where it is, any noise or blur), `corpus.txt` (text for training the tiny
+object looks like, where it is, any noise or blur; and the "judge" verdict on every moment's two
+frames), `corpus.txt` (text for training the tiny
 sentencepiece) and `info.json`.
 
     python -m data_pipelines.synthetic --out /tmp/needle --num-pairs 200 --seed 0
@@ -370,6 +371,20 @@ _DEFECT_WORD = {"noise": "noise", "blur": "blur", "teleport": "a jump", "stall":
                 "colour": "the wrong colour", "shape": "the wrong shape"}
 
 
+def moment_judgment(defect: Defect | None, hits: set[int], c: int, n: int) -> str:
+    """The "judge" verdict on moment c (per-video candidate c, frames c and n + c): "same" or
+    the defective video and the defect's kind. hits: the candidates the defect covers."""
+    said = f"video {defect.video} {_JUDGE_WORD[defect.kind]}" if c in hits else "same"
+    return f"{c} vs {n + c}: {said}."
+
+
+def pair_judgments(pair: Pair, layout: Layout) -> list[str]:
+    """`moment_judgment` of each of the pair's N moments (candidate 1..N)."""
+    n = len(layout.candidate_frames)
+    hits = set(layout.candidates_in(pair.defect.frames)) if pair.defect is not None else set()
+    return [moment_judgment(pair.defect, hits, c, n) for c in range(1, n + 1)]
+
+
 def oracle_turns(
     scene: Scene, defect: Defect | None, labels: dict[str, int], layout: Layout,
     pcfg: protocol.ProtocolConfig, style: str = "verbose", scan: str = "until_found",
@@ -406,12 +421,7 @@ def oracle_turns(
     def verdict(chunk, frames) -> str:
         """What the frames of one call show (the next turn's synthesis)."""
         if style == "judge":
-            out = []
-            for c in chunk:
-                said = (f"video {defect.video} {_JUDGE_WORD[defect.kind]}" if c in hits
-                        else "same")
-                out.append(f"{c} vs {n + c}: {said}.")
-            return " ".join(out)
+            return " ".join(moment_judgment(defect, hits, c, n) for c in chunk)
         if describe:
             seen = sorted(hits & set(chunk))
             if not seen:
@@ -558,7 +568,8 @@ def generate(
                                   cfg.get("oracle_text", "verbose"),
                                   cfg.get("oracle_scan", "until_found"), cfg),
         })
-        captions[split].append({"id": pair.id, "captions": pair_captions(pair, cfg, layout)})
+        captions[split].append({"id": pair.id, "captions": pair_captions(pair, cfg, layout),
+                                "judgments": pair_judgments(pair, layout)})
     paths = {}
     for split in ("train", "heldout"):
         paths[split] = _write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), rows[split])
@@ -568,7 +579,7 @@ def generate(
             os.path.join(out_dir, f"captions_{split}.jsonl"), captions[split])
     lines = text_corpus(traces["train"] + traces["heldout"], pcfg)
     lines += list(dict.fromkeys(c for r in captions["train"] + captions["heldout"]
-                                for c in r["captions"]))
+                                for c in r["captions"] + r["judgments"]))
     paths["corpus"] = os.path.join(out_dir, "corpus.txt")
     with open(paths["corpus"], "w", encoding="utf-8") as f:
         for line in lines:

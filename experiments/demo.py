@@ -89,21 +89,46 @@ def direct_answer_trace(trace: dict) -> dict:
         synthesis, think, {k: int(trace["labels"][k]) for k in LABEL_KEYS})}]}
 
 
-def defect_oversampling(pairs: list[dict], frames_per_pair: int, share: float
-                        ) -> tuple[list[list[int]], int]:
-    """Per pair, the defective frames to caption again so that they make about `share` of the
-    pretraining rows (they are ~5% of all frames; a model pretrained on the plain mix learned
-    the colours, which every caption names, but rarely saw noise). Returns (extra frames per
-    pair, number of distinct defective frames)."""
+def oversample(items: list[dict], rare: list[bool], share: float) -> list[dict]:
+    """`items` with the rare ones repeated until they make about `share` of the result (the
+    defective frames and moments are ~5% of all: a model pretrained on the plain mix learned
+    the colours, which every caption names, but its verdicts were always "same")."""
     if not 0.0 <= share < 1.0:
-        raise ValueError(f"demo: pretrain.defect_share must be in [0, 1), got {share}")
-    bad = [list(((r.get("meta") or {}).get("defect") or {}).get("global_frames", []))
-           for r in pairs]
-    n_bad, n_all = sum(len(b) for b in bad), frames_per_pair * len(pairs)
-    if share == 0.0 or n_bad == 0 or n_bad / n_all >= share:
-        return [[] for _ in pairs], n_bad
-    repeats = int(round((share * n_all - n_bad) / (n_bad * (1.0 - share))))
-    return [b * repeats for b in bad], n_bad
+        raise ValueError(f"demo: a pretraining share must be in [0, 1), got {share}")
+    n_rare = sum(rare)
+    if share == 0.0 or n_rare == 0 or n_rare / len(items) >= share:
+        return list(items)
+    repeats = int(round((share * len(items) - n_rare) / (n_rare * (1.0 - share))))
+    return list(items) + [it for it, r in zip(items, rare, strict=True) if r] * repeats
+
+
+def pretraining_items(pairs: list[dict], captions: list[dict], num_candidates: int, pt
+                      ) -> tuple[list[dict], dict]:
+    """The visual pretraining's rows: every candidate frame of each training pair with its
+    caption (defective frames oversampled to `pt.defect_share`), and, with `pt.judgments`,
+    every moment's two frames (video 1's and video 2's) with the oracle's verdict on them
+    (defective moments oversampled to `pt.judgment_defect_share`). Returns (items with
+    "pair" = index into pairs, counts)."""
+    n = int(num_candidates)
+    by_id = {r["id"]: r for r in captions}
+    caps, cap_rare, judg, judg_rare = [], [], [], []
+    for k, r in enumerate(pairs):
+        rec = by_id[r["id"]]
+        bad = set(((r.get("meta") or {}).get("defect") or {}).get("global_frames", []))
+        for g, text in enumerate(rec["captions"], start=1):
+            caps.append({"id": r["id"], "pair": k, "frames": [g], "text": text})
+            cap_rare.append(g in bad)
+        if pt.get("judgments", False):
+            for c, text in enumerate(rec["judgments"], start=1):
+                judg.append({"id": r["id"], "pair": k, "frames": [c, n + c], "text": text})
+                judg_rare.append(c in bad or n + c in bad)
+    items = oversample(caps, cap_rare, float(pt.get("defect_share", 0.0)))
+    if judg:
+        items += oversample(judg, judg_rare, float(pt.get("judgment_defect_share", 0.0)))
+    counts = {"caption_rows": len(caps), "defective_frames": sum(cap_rare),
+              "judgment_rows": len(judg), "defective_moments": sum(judg_rare),
+              "rows_per_epoch": len(items)}
+    return items, counts
 
 
 def load_banks(records: list[dict], data_dir: str, num_candidates: int, size) -> dict:
@@ -452,28 +477,22 @@ def run(demo, out_dir: str) -> dict:
     # ---- 2b. visual pretraining on the training frames' captions (both models start here)
     pt = demo.get("pretrain")
     if pt is not None and int(pt.steps) > 0:
+        items, counts = pretraining_items(train_pairs, train_captions, pcfg.num_candidates, pt)
         cap_len = max(len(chat.tokenize_segments(
-            tok, protocol.caption_segments(1, c), vt).ids)
-            for r in train_captions for c in r["captions"])
+            tok, protocol.caption_segments(it["frames"], it["text"]), vt).ids) for it in items)
         with timer("pretrain"):
             pcfg_pre = stage_config(sft_cfgs, demo, tok, protocol=proto, steps=pt.steps,
                                     batch_size=pt.batch_size, lr=pt.lr,
                                     seq_len=_round_up(cap_len + 4, 16),
                                     warmup=pt.warmup_steps)
-            pcfg_pre.data.max_frames = 1
-            by_id = {r["id"]: r for r in train_captions}
-            extra, n_defect = defect_oversampling(train_pairs, pcfg.total_frames,
-                                                  float(pt.get("defect_share", 0.0)))
-            pds = sft.caption_dataset(pcfg_pre, [by_id[r["id"]] for r in train_pairs],
-                                      train_banks, tok, rt, extra_frames=extra)
+            pcfg_pre.data.max_frames = max(len(it["frames"]) for it in items)
+            pds = sft.frame_text_dataset(pcfg_pre, items,
+                                         [train_banks[it["pair"]] for it in items], tok, rt)
             rt, phist = sft.run_sft(pcfg_pre, os.path.join(out_dir, "pretrain"), pds, rt=rt,
                                     logger=logger, tag="pretrain")
         results["stages"]["pretrain"] = {"steps": len(phist), "loss_first": phist[0]["loss"],
-                                         "loss_last": phist[-1]["loss"],
-                                         "frames": len(train_pairs) * pcfg.total_frames,
-                                         "defect_frames": n_defect,
-                                         "defect_repeats": sum(len(e) for e in extra)}
-        print(f"[demo] visual pretraining: caption loss {phist[0]['loss']:.3f} -> "
+                                         "loss_last": phist[-1]["loss"], **counts}
+        print(f"[demo] visual pretraining: loss {phist[0]['loss']:.3f} -> "
               f"{phist[-1]['loss']:.3f} over {len(phist)} steps", flush=True)
     # ---- 3. baseline: initial frames only (max_turns=1), same pairs, same labels
     b = demo.baseline

@@ -79,10 +79,12 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         # until found lets a small model predict "Defect" from the call count instead)
         oracle_scan="full",
     ))
-    # the rollout protocol: 16 candidates per video, 4 initial frames each, 3 tool calls of up to
-    # 6 frames (3 per video); the oracle's scan covers every gap between initial frames
+    # the rollout protocol: 16 candidates per video, 4 initial frames each, 9 tool calls of up to
+    # 2 frames: the oracle's scan looks at one moment (both videos) per call, and covers every
+    # gap between initial frames. Each verdict then sits right after its two frames, as in the
+    # pretraining (with 3 moments per call, the model's verdicts were all "same")
     c.protocol = ml_collections.ConfigDict(dict(
-        num_candidates=16, num_initial_frames=4, max_turns=4, max_frames_per_call=6,
+        num_candidates=16, num_initial_frames=4, max_turns=10, max_frames_per_call=2,
         memory_window=20,
         # a short system prompt: every row carries it, and attention cost grows with length
         system_prompt=SYSTEM_PROMPT,
@@ -100,13 +102,17 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     # without this its verdicts did not depend on the pixels at all (a teacher-forced probe:
     # experiments/benchmarks/verdict_probe.py). The baseline starts from the same weights.
     c.pretrain = ml_collections.ConfigDict(dict(
-        steps=2 if quick else 600,  # micro-steps; 0 = no pretraining
+        steps=2 if quick else 800,  # micro-steps; 0 = no pretraining
         batch_size=4 if quick else 32,
         lr=1e-3 if quick else 2e-3,
         warmup_steps=1 if quick else 20,
         # defective frames are ~5% of all frames: they are captioned again until they make this
-        # share of the rows (0 = the plain mix)
+        # share of the caption rows (0 = the plain mix)
         defect_share=0.25,
+        # also rows of one moment's two frames (video 1's, video 2's) and the oracle's verdict
+        # on them ("4 vs 20: video 2 noise."), defective moments this share of them
+        judgments=True,
+        judgment_defect_share=0.5,
     ))
 
     # ---- stage i: cold-start SFT on the oracle traces
@@ -119,7 +125,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         # other, formulaic, assistant tokens: the verdict is the part that needs the pixels
         synthesis_weight=5.0,
     ))
-    c.max_frames = 26  # frame slots per row: 8 initial + 3 calls x 6
+    c.max_frames = 26  # frame slots per row: 8 initial + 9 calls x 2
 
     # ---- stage ii: rejection-sampling FT
     c.rft = ml_collections.ConfigDict(dict(
@@ -153,7 +159,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(
         batch_size=6 if quick else 20,  # rollout rows per engine call (padded)
         max_len=1024,  # KV slots per row (raised to the longest oracle trace + 160)
-        max_new_tokens=768,  # generated tokens per rollout, all turns
+        max_new_tokens=1024,  # generated tokens per rollout, all turns
         max_turn_tokens=256,  # tokens per assistant turn
         html_examples=6,  # held-out judgments in the HTML trace report
     ))

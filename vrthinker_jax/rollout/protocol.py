@@ -410,12 +410,17 @@ def tool_response_segments(
     return segs
 
 
-def caption_segments(frame: int, caption: str) -> list[Segment]:
-    """A one-frame captioning exchange (visual pretraining of a model that starts from random
-    weights): the user shows frame `frame`, the assistant's whole turn is `caption`."""
-    return [
-        Text(f"{IM_START}user\nFrame {frame}: "),
-        Frame(frame),
+def caption_segments(frames: int | Sequence[int], caption: str) -> list[Segment]:
+    """A captioning exchange (visual pretraining of a model that starts from random weights):
+    the user shows `frames` (one frame number or several, each after its `Frame k:` label, as
+    a tool response shows them), the assistant's whole turn is `caption`."""
+    frames = [frames] if isinstance(frames, int) else list(frames)
+    if not frames:
+        raise ValueError("caption_segments: no frames")
+    segs: list[Segment] = [Text(f"{IM_START}user")]
+    for f in frames:
+        segs += [Text(f"\nFrame {f}: "), Frame(int(f))]
+    return segs + [
         Text(f"{IM_END}\n{IM_START}assistant\n"),
         Text(caption, trainable=True),
         final_turn_end(),

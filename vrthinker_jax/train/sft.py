@@ -32,7 +32,7 @@ def sft_dataset(cfg, traces, tokenizer, rt: runtime.Runtime) -> grain.MapDataset
 
 
 def _caption_segments(item: dict, pcfg) -> list[protocol.Segment]:
-    return protocol.caption_segments(int(item["frame"]), item["caption"])
+    return protocol.caption_segments([int(f) for f in item["frames"]], item["text"])
 
 
 class _BankExample(grain.transforms.Map):
@@ -82,32 +82,36 @@ def in_memory_dataset(cfg, traces: list[dict], banks: list[np.ndarray], tokenize
     return ds.batch(int(cfg.data.batch_size), drop_remainder=True, batch_fn=examples.collate)
 
 
+def frame_text_dataset(cfg, items: list[dict], banks: list[np.ndarray], tokenizer,
+                       rt: runtime.Runtime) -> grain.MapDataset:
+    """Visual-pretraining batches: a few frames and a text about them per row (`protocol.
+    caption_segments`). items: {"id", "frames": 1-based global frame numbers, "text"}; banks:
+    each item's pair frame bank (uint8 [2N, H, W, 3]); data.max_frames >= the most frames of
+    an item."""
+    for it, bank in zip(items, banks, strict=True):
+        bad = [g for g in it["frames"] if not 1 <= int(g) <= bank.shape[0]]
+        if bad or not it["frames"]:
+            raise ValueError(f"pretraining item of {it.get('id')!r}: frames {it['frames']} "
+                             f"must be a non-empty subset of 1..{bank.shape[0]}")
+    return in_memory_dataset(cfg, items, banks, tokenizer, rt, to_segments=_caption_segments)
+
+
 def caption_dataset(cfg, captions: list[dict], banks: list[np.ndarray], tokenizer,
-                    rt: runtime.Runtime, *, extra_frames: list[list[int]] | None = None
-                    ) -> grain.MapDataset:
-    """Visual-pretraining batches: one frame and its caption per row (`protocol.
-    caption_segments`; data.max_frames = 1). captions: per pair {"id", "captions": one caption
-    per global frame, in order} (`data_pipelines.synthetic` writes them); banks: the pairs'
-    frame banks, in the same order. extra_frames: per pair, 1-based global frames added once
-    more each (repeats allowed): oversamples rare frames, e.g. the defective ones."""
+                    rt: runtime.Runtime) -> grain.MapDataset:
+    """One frame and its caption per row (data.max_frames = 1). captions: per pair {"id",
+    "captions": one caption per global frame, in order} (`data_pipelines.synthetic` writes
+    them); banks: the pairs' frame banks, in the same order."""
     if len(captions) != len(banks):
         raise ValueError(f"{len(captions)} caption records but {len(banks)} frame banks")
-    if extra_frames is not None and len(extra_frames) != len(captions):
-        raise ValueError(f"{len(extra_frames)} extra_frames lists for {len(captions)} records")
     items, item_banks = [], []
-    for i, (rec, bank) in enumerate(zip(captions, banks, strict=True)):
+    for rec, bank in zip(captions, banks, strict=True):
         if len(rec["captions"]) != bank.shape[0]:
             raise ValueError(f"captions of {rec.get('id')!r}: {len(rec['captions'])} captions "
                              f"for {bank.shape[0]} frames")
-        frames = list(range(1, bank.shape[0] + 1)) + list(extra_frames[i] if extra_frames else [])
-        for g in frames:
-            if not 1 <= g <= bank.shape[0]:
-                raise ValueError(f"captions of {rec.get('id')!r}: extra frame {g} is not in "
-                                 f"1..{bank.shape[0]}")
-            items.append({"id": rec.get("id"), "frame": g, "caption": rec["captions"][g - 1]})
+        for g, text in enumerate(rec["captions"], start=1):
+            items.append({"id": rec.get("id"), "frames": [g], "text": text})
             item_banks.append(bank)
-    return in_memory_dataset(cfg, items, item_banks, tokenizer, rt,
-                             to_segments=_caption_segments)
+    return frame_text_dataset(cfg, items, item_banks, tokenizer, rt)
 
 
 def run_sft(

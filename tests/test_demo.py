@@ -175,3 +175,38 @@ def test_verdict_probe_on_the_quick_demo(quick_run):
         assert 0.0 <= rep[view]["detection"] <= 1.0
     # blacking out the frames changes what the model is scored on
     assert rep["seen"]["mean_logp_true"] != rep["blind"]["mean_logp_true"]
+
+
+def test_pretraining_items_oversample_the_defects():
+    """Every candidate frame and every moment appears; the defective ones are repeated to about
+    the configured shares; a moment's row shows video 1's frame, then video 2's."""
+    import ml_collections
+
+    from experiments import demo
+
+    n = 4
+    pairs = [{"id": "a", "meta": {"defect": {"global_frames": [6]}}},
+             {"id": "b", "meta": {"defect": None}}]
+    caps = [{"id": p["id"], "captions": [f"{p['id']}{g}" for g in range(1, 2 * n + 1)],
+             "judgments": [f"{p['id']} m{c}" for c in range(1, n + 1)]} for p in pairs]
+    pt = ml_collections.ConfigDict(dict(defect_share=0.25, judgments=True,
+                                        judgment_defect_share=0.5))
+    items, counts = demo.pretraining_items(pairs, caps, n, pt)
+    assert counts == {"caption_rows": 16, "defective_frames": 1, "judgment_rows": 8,
+                      "defective_moments": 1, "rows_per_epoch": len(items)}
+    cap_rows = [it for it in items if len(it["frames"]) == 1]
+    moment_rows = [it for it in items if len(it["frames"]) == 2]
+    assert {(it["id"], it["frames"][0]) for it in cap_rows} == {
+        (p, g) for p in "ab" for g in range(1, 2 * n + 1)}
+    bad = [it for it in cap_rows if it["id"] == "a" and it["frames"] == [6]]
+    assert all(it["text"] == "a6" for it in bad)
+    assert abs(len(bad) / len(cap_rows) - 0.25) < 0.05
+    bad_m = [it for it in moment_rows if it["id"] == "a" and it["frames"] == [2, 6]]
+    assert all(it["text"] == "a m2" for it in bad_m)
+    assert abs(len(bad_m) / len(moment_rows) - 0.5) < 0.05
+    assert all(it["frames"][1] == it["frames"][0] + n for it in moment_rows)
+    assert all(items[i]["pair"] == ("ab".index(items[i]["id"])) for i in range(len(items)))
+    with pytest.raises(ValueError, match="share must be in"):
+        demo.oversample(cap_rows, [True] * len(cap_rows), 1.0)
+    pt.judgments = False
+    assert all(len(it["frames"]) == 1 for it in demo.pretraining_items(pairs, caps, n, pt)[0])

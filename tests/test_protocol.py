@@ -204,3 +204,15 @@ def test_parse_structured_calls(frames, key):
     assert call.ok == valid
     if valid:
         assert list(call.frames) == unique
+
+
+def test_caption_segments_show_each_frame_after_its_label_and_train_on_the_text_only():
+    segs = protocol.caption_segments([4, 20], "4 vs 20: same.")
+    assert protocol.frames_in(segs) == [4, 20]
+    texts = [s for s in segs if isinstance(s, protocol.Text)]
+    assert [s.text for s in texts if s.trainable] == ["4 vs 20: same.", protocol.IM_END]
+    shown = "".join(s.text if isinstance(s, protocol.Text) else f"<{s.index}>" for s in segs)
+    assert "\nFrame 4: <4>\nFrame 20: <20>" in shown
+    assert protocol.frames_in(protocol.caption_segments(7, "x")) == [7]
+    with pytest.raises(ValueError, match="no frames"):
+        protocol.caption_segments([], "x")

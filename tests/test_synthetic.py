@@ -300,6 +300,20 @@ def test_frame_captions_describe_what_is_rendered(data):
             effect = d["kind"] if d is not None and g in bad else ""
             want = {"noise": "heavy noise.", "blur": "blurred."}.get(effect, "clean.")
             assert text.endswith(want), (r["id"], g, text)
+    # the judge verdict on each moment: "same" unless the defect covers one of its two frames
+    judged = {r["id"]: r["judgments"] for r in
+              _read_jsonl(os.path.join(data["out"], "captions_train.jsonl"))
+              + _read_jsonl(os.path.join(data["out"], "captions_heldout.jsonl"))}
+    for r in data["rows"]:
+        d = r["meta"]["defect"]
+        bad = set(d["global_frames"]) if d else set()
+        assert len(judged[r["id"]]) == n
+        for c, text in enumerate(judged[r["id"]], start=1):
+            if c in bad or n + c in bad:
+                word = synthetic._JUDGE_WORD[d["kind"]]
+                assert text == f"{c} vs {n + c}: video {d['video']} {word}.", (r["id"], text)
+            else:
+                assert text == f"{c} vs {n + c}: same.", (r["id"], text)
     # the position moves along the motion and jumps with a teleport
     pair = next(p for p in (synthetic.make_pair(i, SEED, cfg, layout)[0] for i in range(60))
                 if p.defect is not None and p.defect.kind == "teleport")

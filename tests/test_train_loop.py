@@ -142,3 +142,15 @@ def test_caption_dataset_rows_hold_one_frame_and_train_on_the_caption_only(data)
         assert batch["weight"][row] == 1.0
     with pytest.raises(ValueError, match="captions of 'p0': 1 captions"):
         sft.caption_dataset(cfg, [{"id": "p0", "captions": ["x"]}], banks[:1], tok, rt)
+    # rows of several frames (the demo's judged moments): each slot holds its frame, in order
+    cfg.data.update(dict(seq_len=160, max_frames=2))
+    items = [{"id": "p0", "frames": [1, n], "text": "1 vs n: same."}]
+    row = sft.frame_text_dataset(cfg, items, banks[:1], tok, rt)[0]
+    assert not row["failed"][0]
+    np.testing.assert_array_equal(row["frames"][0, 0], banks[0][0])
+    np.testing.assert_array_equal(row["frames"][0, 1], banks[0][n - 1])
+    target = row["tokens"][0][row["loss_mask"][0]]
+    assert tok.decode([int(t) for t in target]) == "1 vs n: same.<|im_end|>"
+    with pytest.raises(ValueError, match=r"pretraining item of 'p0': frames \[0\]"):
+        sft.frame_text_dataset(cfg, [{"id": "p0", "frames": [0], "text": "x"}], banks[:1],
+                               tok, rt)

@@ -82,7 +82,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     # the rollout protocol: 16 candidates per video, 4 initial frames each, 9 tool calls of up to
     # 2 frames: the oracle's scan looks at one moment (both videos) per call, and covers every
     # gap between initial frames. Each verdict then sits right after its two frames, as in the
-    # pretraining (with 3 moments per call, the model's verdicts were all "same")
+    # pretraining. Measured: the SFT model's verdicts were all "same", with 3 moments per call
+    # and with 1 (experiments/benchmarks/pretrain_probe.py: the pretrained model does not tell
+    # a defective moment from a clean one, and does not see noise even on one frame)
     c.protocol = ml_collections.ConfigDict(dict(
         num_candidates=16, num_initial_frames=4, max_turns=10, max_frames_per_call=2,
         memory_window=20,

@@ -177,6 +177,31 @@ def test_verdict_probe_on_the_quick_demo(quick_run):
     assert rep["seen"]["mean_logp_true"] != rep["blind"]["mean_logp_true"]
 
 
+@pytest.mark.slow
+def test_pretrain_probe_on_the_quick_demo(quick_run):
+    """The pretraining probe scores every defective held-out frame and moment (and as many clean
+    ones) against all alternatives, seen and blacked out, and prints one JSON line."""
+    out, _, _ = quick_run
+    proc = subprocess.run(
+        [sys.executable, "experiments/benchmarks/pretrain_probe.py", "--demo-dir", out,
+         "--stage", "pretrain", "--batch", "8", "--max-items", "0"],
+        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads(proc.stdout.strip().splitlines()[-1])
+    held = _jsonl(os.path.join(out, "data", "heldout.jsonl"))
+    n_bad_frames = sum(len(r["meta"]["defect"]["global_frames"]) for r in held
+                       if r["meta"]["defect"])
+    for view in ("seen", "blind"):
+        cap, judg = rep[view]["caption"], rep[view]["judgment"]
+        assert cap["items"] == 2 * n_bad_frames  # every defective frame and as many clean
+        assert sum(k["n"] for k in cap["by_kind"].values()) == n_bad_frames
+        assert judg["items"] % 2 == 0 and judg["items"] > 0
+        for x in (cap, judg):
+            assert 0.0 <= x["accuracy"] <= 1.0 and x["alternatives"] >= 3
+
+
 def test_pretraining_items_oversample_the_defects():
     """Every candidate frame and every moment appears; the defective ones are repeated to about
     the configured shares; a moment's row shows video 1's frame, then video 2's."""

@@ -76,12 +76,12 @@ def synthetic_config(**overrides) -> ml_collections.ConfigDict:
     # tokens: "Same: frames ..." / "Defect: frame ... of video ... shows ..."), which puts the
     # decision right after the frames it depends on and keeps rows short; "describe" first
     # describes each frame of the call in its caption's words (`frame_caption`), then gives the
-    # terse verdict, so the verdict follows from text the model wrote itself
+    # terse verdict, so the verdict follows from text the model wrote itself; "judge" asks for
+    # each moment's two frames side by side (video 1's, then video 2's) and states one verdict
+    # per moment: "3 vs 19: same. 7 vs 23: video 2 noise." No text so far predicts a verdict
+    # (the videos differ only by the defect), each sits at a fixed distance from the two frames
+    # it is about, and it names the defect's kind
     cd.oracle_text = "verbose"
-    # "judge" asks for each moment's two frames side by side (video 1's, then video 2's) and
-    # states one verdict per moment: "3 vs 19: same. 7 vs 23: video 2 noise." No text so far
-    # predicts a verdict (the videos differ only by the defect), each sits at a fixed distance
-    # from the two frames it is about, and it names the defect's kind
     # the oracle's scan: "until_found" stops at the call that shows the defect (fewest calls);
     # "full" makes every call and states a verdict on each, so a verdict can only come from the
     # frames of its own call (with "until_found" the number of calls made so far predicts the

@@ -193,6 +193,70 @@ def restore_params(ckpt_dir: str, cfg, rt):
     return restored[0].params
 
 
+def load_heldout(demo_dir: str, demo) -> tuple[list[dict], dict]:
+    """A finished run's held-out rows and their frame banks (for scoring only)."""
+    data_dir = os.path.join(demo_dir, "data")
+    heldout = _read_jsonl(os.path.join(data_dir, "heldout.jsonl"))
+    return heldout, load_banks(heldout, data_dir, int(demo.protocol.num_candidates),
+                               demo.frame_size)
+
+
+class TeacherForcedScorer:
+    """The summed log-prob of each example's trained (assistant) tokens under a demo run's
+    stage checkpoint, `batch` rows per call of one compiled function (the last call padded
+    with copies whose scores are dropped). The probes' scorer; FileNotFoundError when the
+    checkpoint directory holds no checkpoint."""
+
+    def __init__(self, demo, tok, ckpt_dir: str, *, batch: int, seq_len: int):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from experiments.configs import sft as sft_cfgs
+        from vrthinker_jax.train import runtime, steps
+
+        cfg = stage_config(sft_cfgs, demo, tok, protocol=demo.protocol.to_dict(), steps=1,
+                           batch_size=batch, lr=1e-3, seq_len=seq_len)
+        self.rt = runtime.setup(cfg, tok)
+        self.params = restore_params(ckpt_dir, cfg, self.rt)
+        self.batch, self.seq_len = int(batch), int(seq_len)
+        graphdef, spec = self.rt.graphdef, self.rt.spec
+
+        @jax.jit
+        def seq_logp(params, batch):
+            model = nnx.merge(graphdef, params)
+            lp, _ = steps.sequence_token_stats(model, batch, spec)
+            mask = (batch["loss_mask"][:, 1:] & batch["valid"][:, 1:]).astype(jnp.float32)
+            return jnp.sum(lp * mask, axis=1)
+
+        self._seq_logp = seq_logp
+
+    def __call__(self, exs) -> list[float]:
+        """exs: an iterable of examples (`train.examples`), consumed `batch` at a time."""
+        import jax.numpy as jnp
+        import numpy as np
+
+        from vrthinker_jax.train import examples
+
+        out, chunk = [], []
+
+        def flush():
+            n = len(chunk)
+            chunk.extend([chunk[-1]] * (self.batch - n))
+            batch = {k: jnp.asarray(v) for k, v in examples.collate(chunk).items()
+                     if k not in ("id", "error")}
+            out.extend(float(v) for v in np.asarray(self._seq_logp(self.params, batch))[:n])
+            chunk.clear()
+
+        for ex in exs:
+            chunk.append(ex)
+            if len(chunk) == self.batch:
+                flush()
+        if chunk:
+            flush()
+        return out
+
+
 # --------------------------------------------------------------------------- stage configs
 
 
@@ -479,7 +543,8 @@ def run(demo, out_dir: str) -> dict:
     if pt is not None and int(pt.steps) > 0:
         items, counts = pretraining_items(train_pairs, train_captions, pcfg.num_candidates, pt)
         cap_len = max(len(chat.tokenize_segments(
-            tok, protocol.caption_segments(it["frames"], it["text"]), vt).ids) for it in items)
+            tok, protocol.caption_segments(list(frames), text), vt).ids)
+            for frames, text in {(tuple(it["frames"]), it["text"]) for it in items})
         with timer("pretrain"):
             pcfg_pre = stage_config(sft_cfgs, demo, tok, protocol=proto, steps=pt.steps,
                                     batch_size=pt.batch_size, lr=pt.lr,

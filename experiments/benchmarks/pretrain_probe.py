@@ -50,31 +50,28 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    import jax
-    import jax.numpy as jnp
     import numpy as np
     from absl import logging
-    from flax import nnx
 
     logging.set_verbosity(logging.WARNING)
     from data_pipelines import synthetic
     from experiments import demo as demo_lib
-    from experiments.configs import sft as sft_cfgs
     from vrthinker_jax.rollout import protocol
-    from vrthinker_jax.train import examples, runtime, steps
+    from vrthinker_jax.train import examples
 
+    seq_len = 96  # a moment's two frames and the longest verdict or caption
     try:
         _, demo, tok, ckpt_dir = demo_lib.open_run(args.demo_dir, args.stage)
+        scorer = demo_lib.TeacherForcedScorer(demo, tok, ckpt_dir, batch=args.batch,
+                                              seq_len=seq_len)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     pcfg = protocol.ProtocolConfig.from_configdict(demo.protocol)
     n = pcfg.num_candidates
-    data_dir = os.path.join(args.demo_dir, "data")
-    heldout = demo_lib._read_jsonl(os.path.join(data_dir, "heldout.jsonl"))
-    caps = {r["id"]: r for r in demo_lib._read_jsonl(os.path.join(data_dir,
-                                                                   "captions_heldout.jsonl"))}
-    banks = demo_lib.load_banks(heldout, data_dir, n, demo.frame_size)
+    heldout, banks = demo_lib.load_heldout(args.demo_dir, demo)
+    caps = {r["id"]: r for r in demo_lib._read_jsonl(
+        os.path.join(args.demo_dir, "data", "captions_heldout.jsonl"))}
     words = sorted({synthetic._JUDGE_WORD[k] for ks in demo.synthetic.defect_kinds.values()
                     for k in ks})
     rng = np.random.default_rng(args.seed)
@@ -98,25 +95,6 @@ def main(argv=None) -> int:
             keep = [keep[i] for i in rng.permutation(len(keep))[:args.max_items]]
         items[kind] = keep
 
-    seq_len = 96
-    cfg = demo_lib.stage_config(sft_cfgs, demo, tok, protocol=demo.protocol.to_dict(), steps=1,
-                                batch_size=args.batch, lr=1e-3, seq_len=seq_len)
-    cfg.data.max_frames = 2
-    rt = runtime.setup(cfg, tok)
-    try:
-        params = demo_lib.restore_params(ckpt_dir, cfg, rt)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    spec = rt.spec
-
-    @jax.jit
-    def seq_logp(params, batch):
-        model = nnx.merge(rt.graphdef, params)
-        lp, _ = steps.sequence_token_stats(model, batch, spec)
-        mask = (batch["loss_mask"][:, 1:] & batch["valid"][:, 1:]).astype(jnp.float32)
-        return jnp.sum(lp * mask, axis=1)
-
     colours = list(synthetic.COLOURS)
     t0 = time.perf_counter()
     report = {"bench": "pretrain_probe", "stage": args.stage, "pairs": len(heldout)}
@@ -125,25 +103,19 @@ def main(argv=None) -> int:
         for kind, its in items.items():
             if not its:
                 continue
-            rows = []  # (item index, alternative index, example)
-            for i, (pid, frames, text, _) in enumerate(its):
-                c = frames[0]
-                bank = banks[pid]
-                bank = np.zeros_like(bank) if view == "blind" else bank
-                for a, alt in enumerate(_alternatives(kind, text, n, c, words, colours)):
-                    rows.append((i, a, examples.segments_to_example(
-                        protocol.caption_segments(frames, alt), bank, tok, pcfg=pcfg,
-                        seq_len=seq_len, max_frames=2, merged_grid=rt.merged_grid)))
+            blind = view == "blind"
+            # (item index, alternative index, pair id, frames, text) of each scored example
+            rows = [(i, a, pid, frames, alt) for i, (pid, frames, text, _) in enumerate(its)
+                    for a, alt in enumerate(_alternatives(kind, text, n, frames[0], words,
+                                                          colours))]
+            exs = (examples.segments_to_example(
+                protocol.caption_segments(frames, alt),
+                np.zeros_like(banks[pid]) if blind else banks[pid], tok, pcfg=pcfg,
+                seq_len=seq_len, max_frames=2, merged_grid=scorer.rt.merged_grid)
+                for _, _, pid, frames, alt in rows)
             scores: dict[int, dict[int, float]] = {}
-            for s in range(0, len(rows), args.batch):
-                chunk = rows[s:s + args.batch]
-                exs = [x[2] for x in chunk]
-                exs += [exs[-1]] * (args.batch - len(exs))
-                batch = {k: jnp.asarray(v) for k, v in examples.collate(exs).items()
-                         if k not in ("id", "error")}
-                lp = np.asarray(seq_logp(params, batch))
-                for (i, a, _), v in zip(chunk, lp, strict=False):
-                    scores.setdefault(i, {})[a] = float(v)
+            for (i, a, *_), v in zip(rows, scorer(exs), strict=True):
+                scores.setdefault(i, {})[a] = v
             right = [max(sc, key=sc.get) == 0 for sc in (scores[i] for i in range(len(its)))]
             bad = [r for r, it in zip(right, its, strict=True) if it[3]]
             clean = [r for r, it in zip(right, its, strict=True) if not it[3]]

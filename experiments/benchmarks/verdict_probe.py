@@ -84,47 +84,26 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    import jax
-    import jax.numpy as jnp
     import numpy as np
     from absl import logging
-    from flax import nnx
 
     logging.set_verbosity(logging.WARNING)
     from data_pipelines import synthetic
     from experiments import demo as demo_lib
-    from experiments.configs import sft as sft_cfgs
     from vrthinker_jax.rollout import protocol
-    from vrthinker_jax.train import examples, runtime, steps
+    from vrthinker_jax.train import examples
 
     try:
         res, demo, tok, ckpt_dir = demo_lib.open_run(args.demo_dir, args.stage)
+        scorer = demo_lib.TeacherForcedScorer(demo, tok, ckpt_dir, batch=args.batch,
+                                              seq_len=int(res["lengths"]["seq_len"]) + 64)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     pcfg = protocol.ProtocolConfig.from_configdict(demo.protocol)
     syn_cfg = synthetic.synthetic_config(**demo.synthetic.to_dict())
     layout = synthetic.make_layout(int(syn_cfg.frames), pcfg, int(syn_cfg.margin_frames))
-    data_dir = os.path.join(args.demo_dir, "data")
-    heldout = demo_lib._read_jsonl(os.path.join(data_dir, "heldout.jsonl"))
-    banks = demo_lib.load_banks(heldout, data_dir, pcfg.num_candidates, demo.frame_size)
-    seq_len = int(res["lengths"]["seq_len"]) + 64
-    cfg = demo_lib.stage_config(sft_cfgs, demo, tok, protocol=demo.protocol.to_dict(), steps=1,
-                                batch_size=args.batch, lr=1e-3, seq_len=seq_len)
-    rt = runtime.setup(cfg, tok)
-    try:
-        params = demo_lib.restore_params(ckpt_dir, cfg, rt)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    spec = rt.spec
-
-    @jax.jit
-    def seq_logp(params, batch):
-        model = nnx.merge(rt.graphdef, params)
-        lp, _ = steps.sequence_token_stats(model, batch, spec)
-        mask = (batch["loss_mask"][:, 1:] & batch["valid"][:, 1:]).astype(jnp.float32)
-        return jnp.sum(lp * mask, axis=1)
+    heldout, banks = demo_lib.load_heldout(args.demo_dir, demo)
 
     rng = np.random.default_rng(args.seed)
     items = []  # (pair index, variant name, trace)
@@ -133,24 +112,15 @@ def main(argv=None) -> int:
             items.append((i, name, tr))
 
     def score(blind: bool) -> dict[tuple[int, str], float]:
-        out = {}
-        for s in range(0, len(items), args.batch):
-            chunk = items[s:s + args.batch]
-            exs = []
-            for i, _, tr in chunk:
+        def exs():
+            for i, _, tr in items:
                 bank = banks[heldout[i]["id"]]
-                ex = examples.trace_to_example(
-                    tr, np.zeros_like(bank) if blind else bank, tok, pcfg=pcfg, seq_len=seq_len,
-                    max_frames=int(demo.max_frames), merged_grid=rt.merged_grid)
-                exs.append(ex)
-            while len(exs) < args.batch:  # static batch: pad with copies (scores dropped)
-                exs.append(exs[-1])
-            batch = {k: jnp.asarray(v) for k, v in examples.collate(exs).items()
-                     if k not in ("id", "error")}
-            lp = np.asarray(seq_logp(params, batch))
-            for (i, name, _), v in zip(chunk, lp, strict=False):
-                out[(i, name)] = float(v)
-        return out
+                yield examples.trace_to_example(
+                    tr, np.zeros_like(bank) if blind else bank, tok, pcfg=pcfg,
+                    seq_len=scorer.seq_len, max_frames=int(demo.max_frames),
+                    merged_grid=scorer.rt.merged_grid)
+
+        return {(i, name): v for (i, name, _), v in zip(items, scorer(exs()), strict=True)}
 
     t0 = time.perf_counter()
     report = {"bench": "verdict_probe", "stage": args.stage, "pairs": len(heldout)}

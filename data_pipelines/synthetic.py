@@ -4,9 +4,18 @@ Each pair shows one coloured shape moving across a textured background, for a pr
 "a red square moves right". The two videos are rendered from the same scene; in most pairs one of
 them carries a short defect localised in time:
 
-* VQ (visual quality): a burst of heavy noise or blur;
-* MQ (motion quality): the object teleports sideways, or stalls (shows a stale position);
-* TA (text alignment): the object has the wrong colour or the wrong shape for the prompt.
+* VQ (visual quality): a burst of heavy noise or blur, or a dropout (a block of the frame lost
+  to black, as a broken decode shows it);
+* MQ (motion quality): the object teleports sideways, stalls (shows a stale position), or smears
+  (a streak of its colour across the frame along its motion);
+* TA (text alignment): the object has the wrong colour or the wrong shape for the prompt, or is
+  missing from the frame.
+
+Dropout, smear and missing are visible in one frame on its own (no other frame, video or prompt
+needed to see that the frame is wrong), and so is a colour change to a colour that no prompt
+names (`defect_colours`): the demo's default is colour / smear / dropout, each in a colour no
+clean frame has, since its tiny vision tower learns those from scratch in a few hundred steps
+while noise, blur and a comparison of two frames were never learned (README, "Demo").
 
 The defect sits strictly between two of the initial frames the model is shown
 (`protocol.initial_frame_indices`), with `margin_frames` clean frames on both sides, and covers at
@@ -18,8 +27,7 @@ Outputs under --out: `videos/*.mp4`, `train.jsonl` / `heldout.jsonl` (`video_pai
 `cot_train.jsonl` / `cot_heldout.jsonl` (oracle `vrthinker_cot` traces: a systematic scan of the
 frames between the initial ones with `select_frames`, then the correct verdict),
 `captions_train.jsonl` / `captions_heldout.jsonl` (a caption of every candidate frame: what the
-object looks like, where it is, any noise or blur; and the "judge" verdict on every moment's two
-frames), `corpus.txt` (text for training the tiny
+object looks like, where it is, any frame-wide effect), `corpus.txt` (text for training the tiny
 sentencepiece) and `info.json`.
 
     python -m data_pipelines.synthetic --out /tmp/needle --num-pairs 200 --seed 0
@@ -48,10 +56,16 @@ COLOURS = {
     "yellow": (235, 220, 40),
     "white": (245, 245, 245),
     "purple": (150, 40, 190),
+    "cyan": (0, 220, 220),
+    "magenta": (255, 0, 255),
+    "black": (0, 0, 0),
 }
+# the prompts' colours unless `colours` says otherwise (the others are kept for defects)
+PROMPT_COLOURS = ("red", "green", "blue", "yellow", "white", "purple")
 SHAPES = ("square", "circle", "triangle")
 DIRECTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
-DEFECT_KINDS = {"VQ": ("noise", "blur"), "MQ": ("teleport", "stall"), "TA": ("colour", "shape")}
+DEFECT_KINDS = {"VQ": ("noise", "blur", "dropout"), "MQ": ("teleport", "stall", "smear"),
+                "TA": ("colour", "shape", "missing")}
 
 
 def synthetic_config(**overrides) -> ml_collections.ConfigDict:
@@ -69,18 +83,38 @@ def synthetic_config(**overrides) -> ml_collections.ConfigDict:
     cd.blur_radius = 3  # half-width of the VQ box blur (pixels)
     cd.teleport_px = 16  # sideways jump of an MQ teleport (pixels)
     cd.stall_frames = 6  # an MQ stall shows the object where it was this many frames earlier
+    # colours the prompts draw the object in (names of COLOURS)
+    cd.colours = PROMPT_COLOURS
+    # colours a TA colour defect turns the object into: () = any other prompt colour; colours
+    # no prompt uses make the defect visible in one frame on its own
+    cd.defect_colours = ()
+    # an MQ smear: a band through the object's centre along its motion, across the whole
+    # frame, this fraction of the object's side thick, in the object's colour ("") or a named
+    # one (one no prompt uses makes the smear visible in any part of it)
+    cd.smear_thickness = 0.5
+    cd.smear_colour = ""
+    # a VQ dropout: the frame's corner square farthest from the object's centre is lost to a
+    # flat block of `dropout_colour` (black, or the magenta of a broken decode); its side as a
+    # fraction of the frame's
+    cd.dropout_fraction = 0.5
+    cd.dropout_colour = "black"
     cd.texture_contrast = 50  # amplitude of the background checker (uint8 levels)
-    cd.crf = 18  # x264 quality (lower = closer to the rendered frames)
-    cd.gop = 8  # keyframe interval of the written mp4s
+    # x264 constant quantiser (lower = closer to the rendered frames)
+    cd.qp = 18
+    # keyframe interval of the written mp4s. 1 (every frame coded on its own, at a constant
+    # quantiser) keeps the frames outside a defect bit-identical to the clean video's: with
+    # inter frames (8) and crf rate control the defect leaked into its neighbours, the initial
+    # frames included (up to 22 levels), and a model shown only those scored above chance
+    cd.gop = 1
     # oracle trace wording: "verbose" (full sentences) or "terse" (the verdict first, few
     # tokens: "Same: frames ..." / "Defect: frame ... of video ... shows ..."), which puts the
     # decision right after the frames it depends on and keeps rows short; "describe" first
     # describes each frame of the call in its caption's words (`frame_caption`), then gives the
-    # terse verdict, so the verdict follows from text the model wrote itself; "judge" asks for
-    # each moment's two frames side by side (video 1's, then video 2's) and states one verdict
-    # per moment: "3 vs 19: same. 7 vs 23: video 2 noise." No text so far predicts a verdict
-    # (the videos differ only by the defect), each sits at a fixed distance from the two frames
-    # it is about, and it names the defect's kind
+    # terse verdict, so the verdict follows from text the model wrote itself; "video" scans
+    # one video per call (its scanned frames, in time order) and states one verdict on that
+    # call's frames: "Video 2: smear." or "Video 2: clean.", for defects visible in one frame on
+    # its own (no frame of the other video is needed), then names the defect and who wins
+    # before the answer
     cd.oracle_text = "verbose"
     # the oracle's scan: "until_found" stops at the call that shows the defect (fewest calls);
     # "full" makes every call and states a verdict on each, so a verdict can only come from the
@@ -143,7 +177,9 @@ class Layout:
     candidate_frames: np.ndarray  # int64 [N]: 0-based video frame of per-video candidate c - 1
     initial: list[int]  # per-video 1-based candidate numbers shown first
     scan: list[int]  # per-video candidate numbers the oracle scans, in order
-    per_call: int  # candidate positions per select_frames call (each shown for both videos)
+    # candidate positions per select_frames call: each shown for both videos, or (style
+    # "video") frames of one video
+    per_call: int
     gaps: list[tuple[int, int]]  # inclusive ranges of video frames a defect may occupy
 
     def candidates_in(self, frames) -> list[int]:
@@ -151,7 +187,11 @@ class Layout:
         return [c + 1 for c, f in enumerate(self.candidate_frames) if int(f) in fs]
 
 
-def make_layout(num_frames: int, pcfg: protocol.ProtocolConfig, margin: int) -> Layout:
+def make_layout(num_frames: int, pcfg: protocol.ProtocolConfig, margin: int,
+                style: str = "verbose") -> Layout:
+    """The scan covers every gap candidate if the calls can hold them (else every k-th):
+    `style` "video" spends half the calls on each video, max_frames_per_call frames each; the
+    other styles show each position for both videos, max_frames_per_call // 2 per call."""
     n = pcfg.num_candidates
     cand = video_lib.sample_indices(num_frames, n)
     initial = protocol.initial_frame_indices(n, pcfg.num_initial_frames)
@@ -165,16 +205,34 @@ def make_layout(num_frames: int, pcfg: protocol.ProtocolConfig, margin: int) -> 
         c + 1 for c, f in enumerate(cand)
         if (c + 1) not in initial and any(lo <= f <= hi for lo, hi in gaps)
     ]
-    per_call = pcfg.max_frames_per_call // 2
-    budget = pcfg.max_tool_calls * per_call
-    if not gap_cands or budget == 0:
+    if style == "video":
+        per_call = pcfg.max_frames_per_call
+        budget = pcfg.max_tool_calls // 2 * per_call
+    else:
+        per_call = pcfg.max_frames_per_call // 2
+        budget = pcfg.max_tool_calls * per_call
+    if not gap_cands:
         raise ValueError(
             f"synthetic: no candidate frame lies between initial frames with a margin of {margin} "
             f"(frames={num_frames}, num_candidates={n}, num_initial_frames="
-            f"{pcfg.num_initial_frames}, max_tool_calls={pcfg.max_tool_calls})"
+            f"{pcfg.num_initial_frames})"
+        )
+    if budget == 0:
+        raise ValueError(
+            f"synthetic: oracle_text={style!r} cannot scan with max_tool_calls="
+            f"{pcfg.max_tool_calls} and max_frames_per_call={pcfg.max_frames_per_call}"
+            + (" (it needs a call per video)" if style == "video" else "")
         )
     stride = math.ceil(len(gap_cands) / budget)
     return Layout(cand, initial, gap_cands[::stride], per_call, gaps)
+
+
+def layout_for(cfg, pcfg: protocol.ProtocolConfig) -> Layout:
+    """The layout a dataset of synthetic config `cfg` is generated with."""
+    style = cfg.get("oracle_text", "verbose")
+    if style not in ORACLE_STYLES:
+        raise ValueError(f"synthetic: oracle_text must be one of {ORACLE_STYLES}, got {style!r}")
+    return make_layout(cfg.frames, pcfg, cfg.margin_frames, style)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -227,6 +285,10 @@ def _box_blur(img: np.ndarray, r: int) -> np.ndarray:
     return (c[k:k + h, k:k + w] - c[:h, k:k + w] - c[k:k + h, :w] + c[:h, :w]) / (k * k)
 
 
+# defect kinds drawn as an effect on the frame rather than a change of the object's state
+FRAME_EFFECTS = ("noise", "blur", "dropout", "smear", "missing")
+
+
 @dataclasses.dataclass(frozen=True)
 class FrameState:
     """What one rendered frame shows: the object as drawn and the frame-wide effect."""
@@ -234,7 +296,8 @@ class FrameState:
     colour: str
     shape: str
     top_left: tuple[float, float]  # (y, x) of the object's bounding box, pixels
-    effect: str  # "noise" | "blur" | "" (none)
+    # "noise" | "blur" | "dropout" | "smear" | "missing" (the object is not drawn) | "" (none)
+    effect: str
 
 
 def frame_state(scene: Scene, cfg, defect: Defect | None, t: int, pos: np.ndarray) -> FrameState:
@@ -256,7 +319,7 @@ def frame_state(scene: Scene, cfg, defect: Defect | None, t: int, pos: np.ndarra
         p = np.clip(p + side, 0, cfg.size - o)
     elif bad and defect.kind == "stall":
         p = pos[max(0, t - cfg.stall_frames)]
-    elif bad and defect.kind in ("noise", "blur"):
+    elif bad and defect.kind in FRAME_EFFECTS:
         effect = defect.kind
     return FrameState(colour, shape, (float(p[0]), float(p[1])), effect)
 
@@ -271,14 +334,43 @@ def render(scene: Scene, cfg, defect: Defect | None, rng: np.random.Generator) -
         fs = frame_state(scene, cfg, defect, t, pos)
         frame = bg.copy()
         y, x = (int(round(v)) for v in fs.top_left)
-        mask = _shape_mask(fs.shape, o)
-        frame[y:y + o, x:x + o][mask] = COLOURS[fs.colour]
+        if fs.effect == "smear":
+            _smear(frame, scene, cfg, y, x, COLOURS[cfg.get("smear_colour") or fs.colour])
+        if fs.effect != "missing":
+            mask = _shape_mask(fs.shape, o)
+            frame[y:y + o, x:x + o][mask] = COLOURS[fs.colour]
         if fs.effect == "noise":
             frame = frame + rng.normal(0.0, cfg.noise_sigma, frame.shape)
         elif fs.effect == "blur":
             frame = _box_blur(frame, cfg.blur_radius)
+        elif fs.effect == "dropout":
+            _dropout(frame, cfg, y + o / 2, x + o / 2, COLOURS[cfg.get("dropout_colour", "black")])
         out[t] = np.clip(np.round(frame), 0, 255).astype(np.uint8)
     return out
+
+
+def _smear(frame: np.ndarray, scene: Scene, cfg, y: int, x: int, colour) -> None:
+    """In place: a band of `colour` through the object's centre along its motion, across the
+    whole frame, smear_thickness x object_size thick (float [S, S, 3] frame)."""
+    o = cfg.object_size
+    h = max(1, int(round(cfg.smear_thickness * o)))
+    dy, _ = DIRECTIONS[scene.direction]
+    if dy == 0:  # horizontal motion: a horizontal band
+        top = y + (o - h) // 2
+        frame[top:top + h, :] = colour
+    else:
+        left = x + (o - h) // 2
+        frame[:, left:left + h] = colour
+
+
+def _dropout(frame: np.ndarray, cfg, cy: float, cx: float, colour) -> None:
+    """In place: the corner square (dropout_fraction x the frame's side) farthest from the
+    object's centre (cy, cx) turns `colour`."""
+    s = cfg.size
+    d = max(1, int(round(cfg.dropout_fraction * s)))
+    top = 0 if cy >= s / 2 else s - d
+    left = 0 if cx >= s / 2 else s - d
+    frame[top:top + d, left:left + d] = colour
 
 
 def frame_caption(scene: Scene, cfg, defect: Defect | None, t: int) -> str:
@@ -287,21 +379,24 @@ def frame_caption(scene: Scene, cfg, defect: Defect | None, t: int) -> str:
     frame-wide effect. The demo's visual pretraining trains on these (a pretrained VLM starts
     out knowing how to see; the tiny random one does not)."""
     fs = frame_state(scene, cfg, defect, t, _positions(scene, cfg))
+    if fs.effect == "missing":
+        return "No object."
     g = int(cfg.caption_grid)
     cy, cx = (v + cfg.object_size / 2 for v in fs.top_left)
     row, col = (min(g - 1, int(v * g / cfg.size)) for v in (cy, cx))
     return (f"A {fs.colour} {fs.shape} at row {row}, column {col}; "
-            f"{_EFFECT_CAPTION[fs.effect]}.")
+            f"{EFFECT_CAPTION[fs.effect]}.")
 
 
-_EFFECT_CAPTION = {"": "clean", "noise": "heavy noise", "blur": "blurred"}
+EFFECT_CAPTION = {"": "clean", "noise": "heavy noise", "blur": "blurred", "dropout": "dropout",
+                   "smear": "smear"}
 
 
 # --------------------------------------------------------------------------- pairs
 
 
-def _sample_scene(rng: np.random.Generator) -> Scene:
-    colours = list(COLOURS)
+def _sample_scene(rng: np.random.Generator, cfg) -> Scene:
+    colours = list(cfg.get("colours", PROMPT_COLOURS))
     return Scene(
         colour=colours[rng.integers(len(colours))],
         shape=SHAPES[rng.integers(len(SHAPES))],
@@ -331,7 +426,9 @@ def _sample_defect(rng, scene: Scene, layout: Layout, cfg) -> Defect:
     start = int(rng.integers(first, last + 1))
     alt = ""
     if kind == "colour":
-        alt = [c for c in COLOURS if c != scene.colour][rng.integers(len(COLOURS) - 1)]
+        alts = list(cfg.get("defect_colours", ())) or [
+            c for c in cfg.get("colours", PROMPT_COLOURS) if c != scene.colour]
+        alt = alts[rng.integers(len(alts))]
     elif kind == "shape":
         alt = [s for s in SHAPES if s != scene.shape][rng.integers(len(SHAPES) - 1)]
     return Defect(dim, kind, int(rng.integers(1, 3)), start, start + length, alt,
@@ -355,6 +452,9 @@ _DEFECT_TEXT = {
     "stall": "the {shape} jumping back to an earlier position",
     "colour": "the {shape} turning {alt} instead of {colour}",
     "shape": "a {alt} instead of a {shape}",
+    "dropout": "a black block where part of the frame was lost",
+    "smear": "the {shape} smeared into a streak across the frame",
+    "missing": "no {shape} at all",
 }
 
 
@@ -362,27 +462,21 @@ def _frames_text(frames) -> str:
     return ", ".join(str(f) for f in frames)
 
 
-ORACLE_STYLES = ("verbose", "terse", "describe", "judge")
-# one word per kind for the "judge" verdicts
-_JUDGE_WORD = {"noise": "noise", "blur": "blur", "teleport": "jump", "stall": "stall",
-               "colour": "colour", "shape": "shape"}
+ORACLE_STYLES = ("verbose", "terse", "describe", "video")
+# one word per kind for the "video" verdicts
+KIND_WORD = {"noise": "noise", "blur": "blur", "teleport": "jump", "stall": "stall",
+               "colour": "colour", "shape": "shape", "dropout": "dropout", "smear": "smear",
+               "missing": "missing"}
 
 _DEFECT_WORD = {"noise": "noise", "blur": "blur", "teleport": "a jump", "stall": "a stall",
-                "colour": "the wrong colour", "shape": "the wrong shape"}
+                "colour": "the wrong colour", "shape": "the wrong shape",
+                "dropout": "a dropout", "smear": "a smear", "missing": "a missing object"}
 
 
-def moment_judgment(defect: Defect | None, hits: set[int], c: int, n: int) -> str:
-    """The "judge" verdict on moment c (per-video candidate c, frames c and n + c): "same" or
-    the defective video and the defect's kind. hits: the candidates the defect covers."""
-    said = f"video {defect.video} {_JUDGE_WORD[defect.kind]}" if c in hits else "same"
-    return f"{c} vs {n + c}: {said}."
-
-
-def pair_judgments(pair: Pair, layout: Layout) -> list[str]:
-    """`moment_judgment` of each of the pair's N moments (candidate 1..N)."""
-    n = len(layout.candidate_frames)
-    hits = set(layout.candidates_in(pair.defect.frames)) if pair.defect is not None else set()
-    return [moment_judgment(pair.defect, hits, c, n) for c in range(1, n + 1)]
+def video_verdict(video: int, kind: str | None) -> str:
+    """The "video" oracle's verdict on frames of one video: the defect kind they show (None =
+    none): "Video 2: smear." / "Video 2: clean."."""
+    return f"Video {video}: {'clean' if kind is None else KIND_WORD[kind]}."
 
 
 def oracle_turns(
@@ -401,12 +495,18 @@ def oracle_turns(
     if style == "describe" and cfg is None:
         raise ValueError("synthetic: oracle_text='describe' needs the synthetic config")
     describe = style == "describe"
-    terse = style in ("terse", "describe", "judge")
+    by_video = style == "video"
+    terse = style in ("terse", "describe", "video")
     n = pcfg.num_candidates
     hits = set(layout.candidates_in(defect.frames)) if defect is not None else set()
-    chunks = [layout.scan[i:i + layout.per_call] for i in range(0, len(layout.scan),
+    pieces = [layout.scan[i:i + layout.per_call] for i in range(0, len(layout.scan),
                                                                   layout.per_call)]
-    chunks = chunks[: pcfg.max_tool_calls]
+    # each call: (per-video candidates, the video it shows (0 = both), global frame numbers)
+    if by_video:
+        calls = [(p, v, [(v - 1) * n + c for c in p]) for v in (1, 2) for p in pieces]
+    else:
+        calls = [(p, 0, list(p) + [n + c for c in p]) for p in pieces]
+    calls = calls[: pcfg.max_tool_calls]
     tie = {k: 0 for k in protocol.LABEL_KEYS}
 
     def captions(frames) -> str:
@@ -418,10 +518,13 @@ def oracle_turns(
             out.append(f"Frame {g}: {frame_caption(scene, cfg, d, t)}")
         return " ".join(out) + " "
 
-    def verdict(chunk, frames) -> str:
+    def shows_defect(chunk, video) -> bool:
+        return bool(hits & set(chunk)) and video in (0, defect.video)
+
+    def verdict(chunk, video, frames) -> str:
         """What the frames of one call show (the next turn's synthesis)."""
-        if style == "judge":
-            return " ".join(moment_judgment(defect, hits, c, n) for c in chunk)
+        if by_video:
+            return video_verdict(video, defect.kind if shows_defect(chunk, video) else None)
         if describe:
             seen = sorted(hits & set(chunk))
             if not seen:
@@ -442,28 +545,42 @@ def oracle_turns(
         return (f"Frames {_frames_text(bad)} of video {defect.video} show {what}; the same "
                 f"moments of video {3 - defect.video} are clean.")
 
+    def think(chunk, video, frames) -> str:
+        if by_video:
+            return f"Check video {video}."
+        if terse:
+            return f"Check frames {_frames_text(frames)}."
+        return ("A short defect can hide between the initial frames, so I compare frames "
+                f"{_frames_text(chunk)} of video 1 with frames {_frames_text(frames[len(chunk):])}"
+                " of video 2.")
+
     turns: list[dict] = []
     found = False
-    synthesis = ("Same: the initial frames." if terse else
+    seen: dict[int, str] = {}  # video -> what its calls showed ("video" style)
+    synthesis = ("Initial frames: clean." if by_video else
+                 "Same: the initial frames." if terse else
                  f"The initial frames of both videos show a {scene.colour} {scene.shape} moving "
                  f"{scene.direction} and look the same.")
-    for chunk in chunks:
-        frames = list(chunk) + [n + c for c in chunk]
-        if style == "judge":  # the two frames of each moment side by side
-            frames = [g for c in chunk for g in (c, n + c)]
-        video2 = _frames_text(frames[len(chunk):])
-        think = (f"Check frames {_frames_text(frames)}." if terse else
-                 "A short defect can hide between the initial frames, so I compare frames "
-                 f"{_frames_text(chunk)} of video 1 with frames {video2} of video 2.")
+    for chunk, video, frames in calls:
         # the recommendation so far: the clean video once the defect has been seen
         turns.append({"role": "assistant", "content": protocol.format_tool_turn(
-            synthesis, think, labels if found else tie, frames)})
+            synthesis, think(chunk, video, frames), labels if found else tie, frames)})
         turns.append({"role": "tool", "frames": frames})
-        synthesis = verdict(chunk, frames)
-        found = found or bool(hits & set(chunk))
+        synthesis = verdict(chunk, video, frames)
+        shown = defect is not None and shows_defect(chunk, video)
+        if by_video and (shown or video not in seen):
+            seen[video] = KIND_WORD[defect.kind] if shown else "clean"
+        found = found or shown
         if found and scan == "until_found":
             break
-    if defect is None:
+    if by_video:
+        # both videos' verdicts again, then the decision right after them: each step of the
+        # answer depends on text just written (a tiny model learned the tie case only so)
+        said = ", ".join(f"video {v} {w}" for v, w in sorted(seen.items()))
+        final_think = said[0].upper() + said[1:] + (
+            ": a tie." if defect is None else
+            f": {defect.dimension} and OA go to video {3 - defect.video}.")
+    elif defect is None:
         final_think = ("A tie." if terse else
                        "Every scanned frame matches between the videos: text alignment, motion "
                        "and visual quality are the same in both videos, so they tie.")
@@ -491,7 +608,7 @@ class Pair:
 def make_pair(index: int, seed: int, cfg, layout: Layout) -> tuple[Pair, np.ndarray, np.ndarray]:
     """Pair `index` of a dataset (independent of the others: own rng from (seed, index))."""
     rng = np.random.default_rng([seed, index])
-    scene = _sample_scene(rng)
+    scene = _sample_scene(rng, cfg)
     defect = None if rng.uniform() < cfg.tie_fraction else _sample_defect(rng, scene, layout, cfg)
     clean = render(scene, cfg, None, rng)
     bad = render(scene, cfg, defect, rng) if defect is not None else clean
@@ -541,7 +658,18 @@ def generate(
         if dim not in DEFECT_KINDS or not kinds or set(kinds) - set(DEFECT_KINDS[dim]):
             raise ValueError(f"synthetic: defect_kinds[{dim!r}] = {tuple(kinds or ())} must be "
                              f"a non-empty subset of {DEFECT_KINDS.get(dim, ())}")
-    layout = make_layout(cfg.frames, pcfg, cfg.margin_frames)
+    named = {"colours": tuple(cfg.get("colours", PROMPT_COLOURS)),
+             "defect_colours": tuple(cfg.get("defect_colours", ())),
+             "smear_colour": tuple(c for c in [cfg.get("smear_colour", "")] if c),
+             "dropout_colour": (cfg.get("dropout_colour", "black"),)}
+    for field, names in named.items():
+        if set(names) - set(COLOURS):
+            raise ValueError(f"synthetic: {field} = {names} must name colours of {tuple(COLOURS)}")
+    if len(named["colours"]) < (1 if named["defect_colours"] else 2):
+        raise ValueError(f"synthetic: colours = {named['colours']} needs a second colour for "
+                         "colour defects (or set defect_colours)")
+    style = cfg.get("oracle_text", "verbose")
+    layout = layout_for(cfg, pcfg)
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     order = np.random.default_rng([seed, 1 << 30]).permutation(num_pairs)
     n_held = int(round(cfg.heldout_fraction * num_pairs))
@@ -555,7 +683,7 @@ def generate(
         rel_a, rel_b = f"videos/{pair.id}_a.mp4", f"videos/{pair.id}_b.mp4"
         for rel, frames in ((rel_a, a), (rel_b, b)):
             video_lib.write_video(os.path.join(out_dir, rel), frames, cfg.fps, gop=cfg.gop,
-                                  crf=cfg.crf)
+                                  qp=cfg.qp)
         prompt = pair.scene.prompt
         rows[split].append({
             "id": pair.id, "prompt": prompt, "video_a": rel_a, "video_b": rel_b, **pair.labels,
@@ -564,12 +692,10 @@ def generate(
         traces[split].append({
             "id": pair.id, "prompt": prompt, "video_a": rel_a, "video_b": rel_b,
             "labels": dict(pair.labels), "num_candidates": pcfg.num_candidates,
-            "turns": oracle_turns(pair.scene, pair.defect, pair.labels, layout, pcfg,
-                                  cfg.get("oracle_text", "verbose"),
+            "turns": oracle_turns(pair.scene, pair.defect, pair.labels, layout, pcfg, style,
                                   cfg.get("oracle_scan", "until_found"), cfg),
         })
-        captions[split].append({"id": pair.id, "captions": pair_captions(pair, cfg, layout),
-                                "judgments": pair_judgments(pair, layout)})
+        captions[split].append({"id": pair.id, "captions": pair_captions(pair, cfg, layout)})
     paths = {}
     for split in ("train", "heldout"):
         paths[split] = _write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), rows[split])
@@ -579,7 +705,7 @@ def generate(
             os.path.join(out_dir, f"captions_{split}.jsonl"), captions[split])
     lines = text_corpus(traces["train"] + traces["heldout"], pcfg)
     lines += list(dict.fromkeys(c for r in captions["train"] + captions["heldout"]
-                                for c in r["captions"] + r["judgments"]))
+                                for c in r["captions"]))
     paths["corpus"] = os.path.join(out_dir, "corpus.txt")
     with open(paths["corpus"], "w", encoding="utf-8") as f:
         for line in lines:

@@ -422,6 +422,7 @@ def write_video(
     codec: str = "libx264",
     gop: int = 16,
     crf: int = 18,
+    qp: int | None = None,
     preset: str = "ultrafast",
     timestamps_s: Sequence[float] | None = None,
     rotation: int = 0,
@@ -431,6 +432,8 @@ def write_video(
     timestamps_s: per-frame presentation times in seconds for a variable frame rate video
       (millisecond resolution); default constant `fps`.
     rotation: counter-clockwise display rotation stored as metadata (pixels are not rotated).
+    qp: a constant quantiser instead of `crf`'s rate control (which codes identical frames
+      differently depending on the frames before them).
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -442,7 +445,8 @@ def write_video(
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.gop_size = gop
-        stream.options = {"crf": str(crf), "preset": preset}
+        quality = {"crf": str(crf)} if qp is None else {"qp": str(qp)}
+        stream.options = {**quality, "preset": preset}
         if rotation:
             stream.set_display_rotation(rotation)
         if timestamps_s is not None:

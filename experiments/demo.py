@@ -10,8 +10,10 @@ What it does (every number printed is measured by this run; nothing is hard-code
    between the initial frames of one video, so only `select_frames` can find it; a held-out
    split that nothing is ever trained on (not the tokenizer, not any stage);
 2. trains a sentencepiece tokenizer on the training split's text;
-3. builds a tiny Qwen2.5-VL (`experiments/configs/demo.py`) and trains it through the three
-   stages with the library's stage functions: cold-start SFT on the oracle traces
+3. builds a tiny Qwen2.5-VL (`experiments/configs/demo.py`), pretrains it from random weights
+   on the training pairs (`experiments/demo_pretraining.py`: frame captions, the traces' text,
+   rows shaped like tool calls), and trains it through the three stages with the library's
+   stage functions: cold-start SFT on the oracle traces
    (`train.sft.run_sft`), RFT (`train.rft.run_rft`: K rollouts per training pair, all-correct
    traces kept, SFT on them), GRPO (`train.grpo.run_grpo`);
 4. trains the initial-frames-only baseline: the same model, same pairs and labels, SFT on
@@ -32,6 +34,8 @@ import os
 import sys
 import time
 import traceback
+
+from experiments import demo_pretraining
 
 LABEL_KEYS = ("TA", "MQ", "VQ", "OA")
 BENCHMARK = "needle_heldout"
@@ -89,46 +93,12 @@ def direct_answer_trace(trace: dict) -> dict:
         synthesis, think, {k: int(trace["labels"][k]) for k in LABEL_KEYS})}]}
 
 
-def oversample(items: list[dict], rare: list[bool], share: float) -> list[dict]:
-    """`items` with the rare ones repeated until they make about `share` of the result (the
-    defective frames and moments are ~5% of all: a model pretrained on the plain mix learned
-    the colours, which every caption names, but its verdicts were always "same")."""
-    if not 0.0 <= share < 1.0:
-        raise ValueError(f"demo: a pretraining share must be in [0, 1), got {share}")
-    n_rare = sum(rare)
-    if share == 0.0 or n_rare == 0 or n_rare / len(items) >= share:
-        return list(items)
-    repeats = int(round((share * len(items) - n_rare) / (n_rare * (1.0 - share))))
-    return list(items) + [it for it, r in zip(items, rare, strict=True) if r] * repeats
+def tokens_per_frame(demo) -> int:
+    """Visual tokens of one bank frame (one image of demo.frame_size: 28 x 28 px per token)."""
+    from data_pipelines import processor
 
-
-def pretraining_items(pairs: list[dict], captions: list[dict], num_candidates: int, pt
-                      ) -> tuple[list[dict], dict]:
-    """The visual pretraining's rows: every candidate frame of each training pair with its
-    caption (defective frames oversampled to `pt.defect_share`), and, with `pt.judgments`,
-    every moment's two frames (video 1's and video 2's) with the oracle's verdict on them
-    (defective moments oversampled to `pt.judgment_defect_share`). Returns (items with
-    "pair" = index into pairs, counts)."""
-    n = int(num_candidates)
-    by_id = {r["id"]: r for r in captions}
-    caps, cap_rare, judg, judg_rare = [], [], [], []
-    for k, r in enumerate(pairs):
-        rec = by_id[r["id"]]
-        bad = set(((r.get("meta") or {}).get("defect") or {}).get("global_frames", []))
-        for g, text in enumerate(rec["captions"], start=1):
-            caps.append({"id": r["id"], "pair": k, "frames": [g], "text": text})
-            cap_rare.append(g in bad)
-        if pt.get("judgments", False):
-            for c, text in enumerate(rec["judgments"], start=1):
-                judg.append({"id": r["id"], "pair": k, "frames": [c, n + c], "text": text})
-                judg_rare.append(c in bad or n + c in bad)
-    items = oversample(caps, cap_rare, float(pt.get("defect_share", 0.0)))
-    if judg:
-        items += oversample(judg, judg_rare, float(pt.get("judgment_defect_share", 0.0)))
-    counts = {"caption_rows": len(caps), "defective_frames": sum(cap_rare),
-              "judgment_rows": len(judg), "defective_moments": sum(judg_rare),
-              "rows_per_epoch": len(items)}
-    return items, counts
+    h, w = (int(v) for v in demo.frame_size)
+    return processor.tokens_per_image((1, h // 14, w // 14))
 
 
 def load_banks(records: list[dict], data_dir: str, num_candidates: int, size) -> dict:
@@ -167,6 +137,9 @@ def open_run(demo_dir: str, stage: str):
 
     results_path = os.path.join(demo_dir, "results.json")
     ckpt_dir = os.path.join(demo_dir, stage, "checkpoints")
+    nested = os.path.join(demo_dir, stage, "sft", "checkpoints")  # RFT trains its SFT half there
+    if not os.path.exists(ckpt_dir) and os.path.exists(nested):
+        ckpt_dir = nested
     for path in (results_path, ckpt_dir):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} not found: run `python -m experiments.demo --out "
@@ -503,7 +476,7 @@ def run(demo, out_dir: str) -> dict:
                                    int(demo.tokenizer_vocab))
         tok = tok_lib.load_tokenizer(tok_path)
     # static lengths from the data: the longest oracle trace and the prompt
-    vt = int(demo.frame_size[0]) // 28 * (int(demo.frame_size[1]) // 28)
+    vt = tokens_per_frame(demo)
     trace_lens = [len(chat.tokenize_segments(tok, protocol.trace_segments(t, pcfg), vt).ids)
                   for t in train_traces]
     prompt_len = max(len(chat.tokenize_segments(tok, protocol.prompt_segments(r["prompt"], pcfg),
@@ -538,26 +511,48 @@ def run(demo, out_dir: str) -> dict:
     evaluator = Evaluator(demo, tok, rt, heldout, banks, out_dir,
                           sampling_config(temperature=0.0, **sampling))
 
-    # ---- 2b. visual pretraining on the training frames' captions (both models start here)
+    # ---- 2b. pretraining (both models start here), in order: one frame and its caption per
+    # row; the traces' text without frames (reasoning from given syntheses: the format is then
+    # known before SFT, whose first steps otherwise shook what the calls phase taught); rows of
+    # one video's frames and the verdict on them, as the oracle's calls show them
     pt = demo.get("pretrain")
+    phases = []  # (tag, steps, batch size, records, their banks, segments fn or None, counts)
     if pt is not None and int(pt.steps) > 0:
-        items, counts = pretraining_items(train_pairs, train_captions, pcfg.num_candidates, pt)
-        cap_len = max(len(chat.tokenize_segments(
-            tok, protocol.caption_segments(list(frames), text), vt).ids)
-            for frames, text in {(tuple(it["frames"]), it["text"]) for it in items})
+        items, counts = demo_pretraining.caption_items(
+            train_pairs, train_captions, float(pt.get("defect_share", 0.0)))
+        phases.append(("pretrain", int(pt.steps), int(pt.batch_size), items,
+                       [train_banks[it["pair"]] for it in items], None, counts))
+    if pt is not None and int(pt.get("reasoning_steps", 0)) > 0:
+        phases.append(("pretrain_reasoning", int(pt.reasoning_steps),
+                       int(pt.reasoning_batch_size), train_traces, trace_banks,
+                       demo_pretraining.reasoning_segments, {"traces": len(train_traces)}))
+    if pt is not None and int(pt.get("call_steps", 0)) > 0:
+        items, counts = demo_pretraining.call_items(
+            train_pairs, pcfg.num_candidates, pcfg.max_frames_per_call,
+            int(pt.call_steps) * int(pt.call_batch_size), float(pt.call_defect_share),
+            int(demo.seed))
+        phases.append(("pretrain_calls", int(pt.call_steps), int(pt.call_batch_size), items,
+                       [train_banks[it["pair"]] for it in items], None, counts))
+    for tag, n_steps, batch_size, records, rec_banks, to_segments, counts in phases:
+        segments = to_segments or (lambda it, _: protocol.caption_segments(it["frames"],
+                                                                           it["text"]))
+        # the longest row: items repeat (oversampling), so each distinct one is measured once
+        distinct = {json.dumps(r, sort_keys=True): r for r in records}.values()
+        lengths = [chat.tokenize_segments(tok, segments(r, pcfg), vt) for r in distinct]
         with timer("pretrain"):
-            pcfg_pre = stage_config(sft_cfgs, demo, tok, protocol=proto, steps=pt.steps,
-                                    batch_size=pt.batch_size, lr=pt.lr,
-                                    seq_len=_round_up(cap_len + 4, 16),
-                                    warmup=pt.warmup_steps)
-            pcfg_pre.data.max_frames = max(len(it["frames"]) for it in items)
-            pds = sft.frame_text_dataset(pcfg_pre, items,
-                                         [train_banks[it["pair"]] for it in items], tok, rt)
-            rt, phist = sft.run_sft(pcfg_pre, os.path.join(out_dir, "pretrain"), pds, rt=rt,
-                                    logger=logger, tag="pretrain")
-        results["stages"]["pretrain"] = {"steps": len(phist), "loss_first": phist[0]["loss"],
-                                         "loss_last": phist[-1]["loss"], **counts}
-        print(f"[demo] visual pretraining: loss {phist[0]['loss']:.3f} -> "
+            ccfg = stage_config(sft_cfgs, demo, tok, protocol=proto, steps=n_steps,
+                                batch_size=batch_size, lr=pt.lr,
+                                seq_len=_round_up(max(len(t.ids) for t in lengths) + 4, 16),
+                                warmup=pt.warmup_steps)
+            ccfg.data.max_frames = max(1, max(len(t.frames) for t in lengths))
+            ds = (sft.in_memory_dataset(ccfg, records, rec_banks, tok, rt,
+                                        to_segments=to_segments) if to_segments else
+                  sft.frame_text_dataset(ccfg, records, rec_banks, tok, rt))
+            rt, phist = sft.run_sft(ccfg, os.path.join(out_dir, tag), ds, rt=rt, logger=logger,
+                                    tag=tag)
+        results["stages"][tag] = {"steps": len(phist), "loss_first": phist[0]["loss"],
+                                  "loss_last": phist[-1]["loss"], **counts}
+        print(f"[demo] pretraining ({tag}): loss {phist[0]['loss']:.3f} -> "
               f"{phist[-1]['loss']:.3f} over {len(phist)} steps", flush=True)
     # ---- 3. baseline: initial frames only (max_turns=1), same pairs, same labels
     b = demo.baseline
@@ -587,12 +582,27 @@ def run(demo, out_dir: str) -> dict:
 
     # ---- 4. cold-start SFT
     with timer("sft"):
-        ds = sft.in_memory_dataset(cfg, train_traces, trace_banks, tok, rt)
+        call_share = float(s.get("call_share", 0.0))
+        rehearsal = {}
+        if call_share > 0:
+            # fresh call rows among the traces (a seed apart from the call phase's rows)
+            rows = int(s.steps) * int(s.batch_size)
+            calls, rehearsal = demo_pretraining.call_items(
+                train_pairs, pcfg.num_candidates, pcfg.max_frames_per_call,
+                int(round(rows * call_share)), float(pt.call_defect_share) if pt else 0.5,
+                int(demo.seed) + 1)
+            recs, rbanks = demo_pretraining.rehearsal_mix(
+                train_traces, trace_banks, calls, [train_banks[it["pair"]] for it in calls],
+                rows, int(demo.seed))
+            ds = sft.in_memory_dataset(cfg, recs, rbanks, tok, rt,
+                                       to_segments=demo_pretraining.mixed_segments)
+        else:
+            ds = sft.in_memory_dataset(cfg, train_traces, trace_banks, tok, rt)
         rt, hist = sft.run_sft(cfg, os.path.join(out_dir, "sft"), ds, rt=rt, logger=logger,
                                tag="sft")
     results["stages"]["sft"] = {
         "steps": len(hist), "loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"],
-        "traces": len(train_traces)}
+        "traces": len(train_traces), **rehearsal}
     with timer("eval"):
         table.append({"name": "after SFT (tools on)", "stage": "sft",
                       **evaluator.run("sft", rt.params, pcfg)})

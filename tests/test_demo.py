@@ -179,8 +179,8 @@ def test_verdict_probe_on_the_quick_demo(quick_run):
 
 @pytest.mark.slow
 def test_pretrain_probe_on_the_quick_demo(quick_run):
-    """The pretraining probe scores every defective held-out frame and moment (and as many clean
-    ones) against all alternatives, seen and blacked out, and prints one JSON line."""
+    """The pretraining probe scores every defective held-out frame and oracle call (and as many
+    clean ones) against all alternatives, seen and blacked out, and prints one JSON line."""
     out, _, _ = quick_run
     proc = subprocess.run(
         [sys.executable, "experiments/benchmarks/pretrain_probe.py", "--demo-dir", out,
@@ -193,45 +193,152 @@ def test_pretrain_probe_on_the_quick_demo(quick_run):
     held = _jsonl(os.path.join(out, "data", "heldout.jsonl"))
     n_bad_frames = sum(len(r["meta"]["defect"]["global_frames"]) for r in held
                        if r["meta"]["defect"])
+    n_bad_calls = sum(1 for r in held if r["meta"]["defect"])  # one call shows each defect
     for view in ("seen", "blind"):
-        cap, judg = rep[view]["caption"], rep[view]["judgment"]
+        cap, call = rep[view]["caption"], rep[view]["call"]
         assert cap["items"] == 2 * n_bad_frames  # every defective frame and as many clean
         assert sum(k["n"] for k in cap["by_kind"].values()) == n_bad_frames
-        assert judg["items"] % 2 == 0 and judg["items"] > 0
-        for x in (cap, judg):
-            assert 0.0 <= x["accuracy"] <= 1.0 and x["alternatives"] >= 3
+        assert call["items"] == 2 * n_bad_calls
+        assert sum(k["n"] for k in call["by_kind"].values()) == n_bad_calls
+        assert cap["alternatives"] >= 3 and call["alternatives"] >= 2
+        for x in (cap, call):
+            assert 0.0 <= x["accuracy"] <= 1.0
 
 
-def test_pretraining_items_oversample_the_defects():
-    """Every candidate frame and every moment appears; the defective ones are repeated to about
-    the configured shares; a moment's row shows video 1's frame, then video 2's."""
-    import ml_collections
+@pytest.mark.slow
+def test_grpo_reward_bench_on_the_quick_demo(quick_run):
+    """From the SFT checkpoint (the quick run's RFT may accept no trace, so it may have none), a
+    warm SFT step, two GRPO steps and the fixed-prompt reward before and after: one JSON line
+    with every part in range."""
+    out, _, _ = quick_run
+    proc = subprocess.run(
+        [sys.executable, "experiments/benchmarks/grpo_reward_bench.py", "--demo-dir", out,
+         "--from", "sft", "--sft-steps", "1", "--steps", "2", "--eval-prompts", "2"],
+        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rep["from"] == "sft" and rep["steps"] == 2 and rep["fixed_prompts"] == 2
+    assert len(rep["reward"]) == len(rep["rows_in_update"]) == 2
+    for part in (rep["fixed_before"], rep["fixed_after"]):
+        assert 0.0 <= part["accuracy"] <= 1.0 and 0.0 <= part["format"] <= 1.0
+    assert rep["fixed_rise"] == round(rep["fixed_after"]["total"] - rep["fixed_before"]["total"],
+                                      4)
 
-    from experiments import demo
+
+def _oracle_trace(pid: str, verdicts: list[tuple[int, str]], n: int) -> dict:
+    """A "video"-style oracle trace: one call per (video, verdict), then the final turn."""
+    from vrthinker_jax.rollout import protocol
+
+    tie = {k: 0 for k in KEYS}
+    turns, synthesis = [], "Initial frames: clean."
+    for v, text in verdicts:
+        frames = [(v - 1) * n + c for c in (2, 3)]
+        turns += [{"role": "assistant", "content": protocol.format_tool_turn(
+            synthesis, f"Check video {v}.", tie, frames)}, {"role": "tool", "frames": frames}]
+        synthesis = text
+    turns.append({"role": "assistant",
+                  "content": protocol.format_final_turn(synthesis, "Done.", tie)})
+    return {"id": pid, "prompt": "a red square moves up", "labels": tie, "num_candidates": n,
+            "turns": turns}
+
+
+def test_caption_items_oversample_the_defective_frames():
+    from experiments import demo_pretraining
 
     n = 4
     pairs = [{"id": "a", "meta": {"defect": {"global_frames": [6]}}},
              {"id": "b", "meta": {"defect": None}}]
-    caps = [{"id": p["id"], "captions": [f"{p['id']}{g}" for g in range(1, 2 * n + 1)],
-             "judgments": [f"{p['id']} m{c}" for c in range(1, n + 1)]} for p in pairs]
-    pt = ml_collections.ConfigDict(dict(defect_share=0.25, judgments=True,
-                                        judgment_defect_share=0.5))
-    items, counts = demo.pretraining_items(pairs, caps, n, pt)
-    assert counts == {"caption_rows": 16, "defective_frames": 1, "judgment_rows": 8,
-                      "defective_moments": 1, "rows_per_epoch": len(items)}
-    cap_rows = [it for it in items if len(it["frames"]) == 1]
-    moment_rows = [it for it in items if len(it["frames"]) == 2]
-    assert {(it["id"], it["frames"][0]) for it in cap_rows} == {
+    caps = [{"id": p["id"], "captions": [f"{p['id']}{g}" for g in range(1, 2 * n + 1)]}
+            for p in pairs]
+    items, counts = demo_pretraining.caption_items(pairs, caps, 0.25)
+    assert counts == {"caption_rows": 16, "defective_frames": 1, "rows_per_epoch": len(items)}
+    assert {(it["id"], it["frames"][0]) for it in items} == {
         (p, g) for p in "ab" for g in range(1, 2 * n + 1)}
-    bad = [it for it in cap_rows if it["id"] == "a" and it["frames"] == [6]]
+    bad = [it for it in items if it["id"] == "a" and it["frames"] == [6]]
     assert all(it["text"] == "a6" for it in bad)
-    assert abs(len(bad) / len(cap_rows) - 0.25) < 0.05
-    bad_m = [it for it in moment_rows if it["id"] == "a" and it["frames"] == [2, 6]]
-    assert all(it["text"] == "a m2" for it in bad_m)
-    assert abs(len(bad_m) / len(moment_rows) - 0.5) < 0.05
-    assert all(it["frames"][1] == it["frames"][0] + n for it in moment_rows)
-    assert all(items[i]["pair"] == ("ab".index(items[i]["id"])) for i in range(len(items)))
+    assert abs(len(bad) / len(items) - 0.25) < 0.05
+    assert all(it["pair"] == "ab".index(it["id"]) for it in items)
+    assert demo_pretraining.caption_items(pairs, caps, 0.0)[0] == items[:16]
     with pytest.raises(ValueError, match="share must be in"):
-        demo.oversample(cap_rows, [True] * len(cap_rows), 1.0)
-    pt.judgments = False
-    assert all(len(it["frames"]) == 1 for it in demo.pretraining_items(pairs, caps, n, pt)[0])
+        demo_pretraining.oversample(items, [True] * len(items), 1.0)
+
+
+def test_call_items_draw_fresh_frame_sets_with_the_right_verdict():
+    """Rows of 1..max_frames frames of one video, in time order; the verdict names the defect
+    exactly when a defective candidate is among them; about `share` of the rows do."""
+    from experiments import demo_pretraining
+
+    n = 16
+    pairs = [{"id": "a", "meta": {"defect": {"video": 2, "kind": "smear",
+                                             "candidates": [4, 5], "global_frames": [20, 21]}}},
+             {"id": "b", "meta": {"defect": None}}]
+    items, counts = demo_pretraining.call_items(pairs, n, 9, 400, 0.5, seed=0)
+    assert counts == {"call_rows": 400, "defective_calls": sum(
+        it["text"] == "Video 2: smear." for it in items)}
+    assert abs(counts["defective_calls"] / 400 - 0.5) < 0.08
+    sets = set()
+    for it in items:
+        frames = it["frames"]
+        assert 1 <= len(frames) <= 9 and frames == sorted(set(frames))
+        video = 1 if frames[0] <= n else 2
+        assert all((f <= n) == (video == 1) for f in frames)  # one video per row
+        shows = it["id"] == "a" and bool({20, 21} & set(frames))
+        assert it["text"] == f"Video {video}: {'smear' if shows else 'clean'}."
+        assert it["pair"] == "ab".index(it["id"])
+        sets.add((it["id"], tuple(frames)))
+    assert len(sets) > 350  # drawn afresh, not the same few sets
+    assert demo_pretraining.call_items(pairs, n, 9, 400, 0.5, seed=0)[0] == items  # seeded
+    with pytest.raises(ValueError, match="no training pair has a defect"):
+        demo_pretraining.call_items(pairs[1:], n, 9, 10, 0.5, seed=0)
+
+
+def test_reasoning_segments_train_everything_but_the_syntheses():
+    from experiments import demo_pretraining
+    from vrthinker_jax.rollout import protocol
+
+    n = 4
+    pcfg = protocol.ProtocolConfig(num_candidates=n, num_initial_frames=1, max_turns=3,
+                                   max_frames_per_call=2, memory_window=4)
+    trace = _oracle_trace("a", [(1, "Video 1: clean."), (2, "Video 2: smear.")], n)
+    full = protocol.trace_segments(trace, pcfg)
+    segs = demo_pretraining.reasoning_segments(trace, pcfg)
+    assert not any(isinstance(s, protocol.Frame) for s in segs)
+    text = "".join(s.text for s in full if isinstance(s, protocol.Text))
+    assert "".join(s.text for s in segs) == text  # the same text, frames left out
+    trained = "".join(s.text for s in segs if s.trainable)
+    untrained = "".join(s.text for s in segs if not s.trainable)
+    assert "<synthesis>" not in trained and "smear" not in trained
+    assert "Video 2: smear.</synthesis>" in untrained
+    assert trained.count("<think>") == 3 and trained.count("<final answer>") == 1
+
+
+def test_rehearsal_mix_puts_every_call_row_among_the_traces():
+    """SFT rows: each call item once, the traces cycled to fill the rest, each row rendered as
+    what it is (a call: its frames and the verdict trained; a trace: the whole conversation)."""
+    from experiments import demo_pretraining
+    from vrthinker_jax.rollout import protocol
+
+    n = 4
+    pcfg = protocol.ProtocolConfig(num_candidates=n, num_initial_frames=1, max_turns=3,
+                                   max_frames_per_call=2, memory_window=4)
+    traces = [_oracle_trace(t, [(1, "Video 1: clean."), (2, "Video 2: smear.")], n)
+              for t in "ab"]
+    calls = [{"id": "a", "pair": 0, "frames": [5, 6], "text": "Video 2: smear."},
+             {"id": "b", "pair": 1, "frames": [1], "text": "Video 1: clean."}]
+    recs, banks = demo_pretraining.rehearsal_mix(traces, ["A", "B"], calls, ["cA", "cB"], 8,
+                                                 seed=0)
+    assert len(recs) == len(banks) == 8
+    assert sorted(b for b in banks if b.startswith("c")) == ["cA", "cB"]
+    assert sorted(r["id"] for r, b in zip(recs, banks) if not b.startswith("c")) == list("aaabbb")
+    assert all(b == r["id"].upper() for r, b in zip(recs, banks) if "text" not in r)
+    assert recs != [traces[i % 2] for i in range(6)] + calls  # shuffled
+    call = demo_pretraining.mixed_segments(calls[0], pcfg)
+    assert [s.index for s in call if isinstance(s, protocol.Frame)] == [5, 6]
+    assert "".join(s.text for s in call if isinstance(s, protocol.Text) and s.trainable
+                   ).startswith("Video 2: smear.")
+    assert demo_pretraining.mixed_segments(traces[0], pcfg) == protocol.trace_segments(traces[0],
+                                                                                       pcfg)
+    with pytest.raises(ValueError, match="leave no room for traces"):
+        demo_pretraining.rehearsal_mix(traces, ["A", "B"], calls, ["cA", "cB"], 2, seed=0)

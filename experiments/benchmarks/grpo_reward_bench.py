@@ -1,14 +1,23 @@
 """GRPO from a trained tiny model: does the mean reward rise over a short run? (CPU)
 
-Starts from the checkpoint a finished demo run wrote for a stage (`--from sft` or `rft`), on that
-run's synthetic needle data and tokenizer, and runs `--steps` GRPO steps (G rollouts per
-training prompt, group-normalised advantages, clipped ratio, k3 KL) with the demo's GRPO
-settings unless overridden. Prints exactly one JSON line: the mean reward (and its accuracy /
-format parts) per step, the mean of the first and last `--window` steps, their difference, the
-least-squares slope per step, and the rollout / update time split.
+Starts from the checkpoint a finished demo run wrote for a stage (`--from sft`, `rft`, or a
+pretraining phase such as `pretrain_calls`), optionally followed by `--sft-steps` steps of the
+demo's cold-start SFT (a policy that knows the format but not yet every defect: room to learn),
+on that run's synthetic needle data and tokenizer, and runs `--steps` GRPO steps (G rollouts
+per training prompt, group-normalised advantages, clipped ratio, k3 KL) with the demo's GRPO
+settings unless overridden.
 
-    python -m experiments.demo --out /tmp/demo              # writes /tmp/demo/sft/checkpoints
+The per-step training reward depends on which prompts a step draws, so the policy is also
+scored on a fixed set of `--eval-prompts` training prompts (G samples each, at the GRPO
+temperature) before and after GRPO. Prints exactly one JSON line: the fixed-set reward before
+and after (and its accuracy / format parts), the per-step training reward, the mean of the
+first and last `--window` steps, the least-squares slope per step, and the rollout / update
+time split.
+
+    python -m experiments.demo --out /tmp/demo              # writes /tmp/demo/<stage>/checkpoints
     python experiments/benchmarks/grpo_reward_bench.py --demo-dir /tmp/demo --steps 16
+    python experiments/benchmarks/grpo_reward_bench.py --demo-dir /tmp/demo \
+        --from pretrain_calls --sft-steps 40 --steps 24
 
 Nothing here reads the held-out split: prompts come from the run's training pairs.
 """
@@ -38,8 +47,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo-dir", required=True, help="a finished `experiments.demo` --out dir")
-    p.add_argument("--from", dest="stage", default="sft", choices=("sft", "rft"),
-                   help="start from this stage's checkpoint")
+    p.add_argument("--from", dest="stage", default="sft",
+                   help="start from this stage's checkpoint (sft, rft, pretrain_calls, ...)")
+    p.add_argument("--sft-steps", type=int, default=0,
+                   help="cold-start SFT steps on the run's training traces before GRPO")
+    p.add_argument("--eval-prompts", type=int, default=32,
+                   help="fixed training prompts scored before and after GRPO (0 = none)")
     p.add_argument("--steps", type=int, default=16, help="GRPO steps (rollout batches)")
     p.add_argument("--prompts", type=int, default=0, help="prompts per step (0 = the demo's)")
     p.add_argument("--group", type=int, default=0, help="rollouts per prompt (0 = the demo's)")
@@ -50,12 +63,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import jax
+    import numpy as np
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
     from experiments import demo as demo_lib
     from experiments.configs import grpo as grpo_cfgs
-    from vrthinker_jax.train import grpo, runtime
+    from experiments.configs import sft as sft_cfgs
+    from vrthinker_jax.train import grpo, rewards, runtime, sft
 
     try:
         res, demo, tok, ckpt_dir = demo_lib.open_run(args.demo_dir, args.stage)
@@ -86,24 +101,62 @@ def main(argv=None) -> int:
     cfg.progress = False
     rt = runtime.setup(cfg, tok)
     rt.params = demo_lib.restore_params(ckpt_dir, cfg, rt)
+    work = args.workdir or tempfile.mkdtemp(prefix="grpo_reward_")
+    if args.sft_steps > 0:
+        s = demo.sft
+        scfg = demo_lib.stage_config(sft_cfgs, demo, tok, protocol=demo.protocol.to_dict(),
+                                     steps=args.sft_steps, batch_size=s.batch_size, lr=s.lr,
+                                     seq_len=int(lengths["seq_len"]), warmup=s.warmup_steps)
+        scfg.progress = False
+        traces = demo_lib._read_jsonl(os.path.join(data_dir, "cot_train.jsonl"))
+        srt = runtime.setup(scfg, tok, model=rt.model(rt.params))
+        ds = sft.in_memory_dataset(scfg, traces, [banks[t["id"]] for t in traces], tok, srt)
+        srt, _ = sft.run_sft(scfg, os.path.join(work, "sft"), ds, rt=srt)
+        rt.params = srt.params
+
+    fixed = list(range(min(args.eval_prompts, len(records))))
+
+    def fixed_reward(params) -> dict:
+        """Mean reward parts over the fixed prompts, `group` samples each."""
+        if not fixed:
+            return {}
+        engine = grpo.make_engine(cfg, rt, tok, params=params)
+        parts, key = [], jax.random.key(int(demo.seed) + 11)
+        rows = [i for i in fixed for _ in range(group)]
+        per_call = prompts_per_step * group
+        for j in range(0, len(rows), per_call):
+            chunk = rows[j:j + per_call]
+            trajs = engine.rollout([records[i]["prompt"] for i in chunk],
+                                   np.stack([banks[records[i]["id"]] for i in chunk]),
+                                   jax.random.fold_in(key, j))
+            parts += [rewards.trajectory_reward(t.assistant_turns, t.judgments,
+                                                records[i]["labels"], t.frames_selected,
+                                                cfg.rewards) for t, i in zip(trajs, chunk)]
+        return {k: round(float(np.mean([getattr(p, k) for p in parts])), 4)
+                for k in ("total", "accuracy", "format")}
+
+    before = fixed_reward(rt.params)
     prompts = grpo.in_memory_prompts(cfg, records, [banks[r["id"]] for r in train_pairs],
                                      prompts_per_step)
-    work = args.workdir or tempfile.mkdtemp(prefix="grpo_reward_")
     t0 = time.perf_counter()
     rt, hist = grpo.run_grpo(cfg, work, None, tok, rt=rt, dataset=prompts)
     wall = time.perf_counter() - t0
     jax.block_until_ready(rt.params)
+    after = fixed_reward(rt.params)
 
     reward = [round(h["reward"], 4) for h in hist]
     w = max(1, min(args.window, len(reward) // 2))
     first, last = sum(reward[:w]) / w, sum(reward[-w:]) / w
     out = {
         "bench": "grpo_reward", "device": jax.devices()[0].platform, "from": args.stage,
-        "steps": len(hist), "prompts_per_step": prompts_per_step, "group_size": group,
-        "lr": lr, "temperature": temperature, "kl_coef": float(g.kl_coef),
+        "sft_steps": args.sft_steps, "steps": len(hist), "prompts_per_step": prompts_per_step,
+        "group_size": group, "lr": lr, "temperature": temperature, "kl_coef": float(g.kl_coef),
+        "fixed_prompts": len(fixed), "fixed_before": before, "fixed_after": after,
+        "fixed_rise": (round(after["total"] - before["total"], 4) if fixed else None),
         "reward": reward,
         "reward_accuracy": [round(h["reward_accuracy"], 4) for h in hist],
         "reward_format": [round(h.get("reward_format", 0.0), 4) for h in hist],
+        "rows_in_update": [h["rows_in_update"] for h in hist],
         "first_mean": round(first, 4), "last_mean": round(last, 4),
         "rise": round(last - first, 4), "slope_per_step": round(_slope(reward), 5),
         "window": w, "wall_s": round(wall, 1),

@@ -2,11 +2,12 @@
 
 For every held-out pair (never trained on) the probe scores, under a demo run's checkpoint:
 
-* judgments: for each defective moment and as many clean ones, the moment's two frames (video
-  1's, video 2's) with every candidate verdict ("same", "video 1 <word>", "video 2 <word>" for
-  each defect word); the pick is the verdict of highest log-prob (chance: 1 / candidates);
+* calls: for each oracle tool call that shows the defect and as many that do not, the call's
+  frames with every verdict the oracle states after that call in any pair ("Video 2: clean.",
+  "Video 2: smear.", ...); the pick is the verdict of highest log-prob (chance: 1 / candidates);
 * captions: each defective frame and as many clean ones, with the true caption against the same
-  caption under each other effect (clean / heavy noise / blurred) and each other colour.
+  caption under each other effect (clean / heavy noise / blurred / dropout / smear), "No
+  object." and each other colour.
 
 Each is run with the frames seen and blacked out (`blind`). Prints one JSON line.
 
@@ -25,19 +26,18 @@ import time
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 
-def _alternatives(kind: str, text: str, n: int, c: int, words: list[str],
-                  colours: list[str]) -> list[str]:
-    """The candidate texts of one item, the true one first."""
-    if kind == "judgment":
-        head = f"{c} vs {n + c}: "
-        alts = [f"{head}same."] + [f"{head}video {v} {w}." for v in (1, 2) for w in words]
-    else:
-        body, effect = text.rsplit("; ", 1)
-        alts = [f"{body}; {e}." for e in ("clean", "heavy noise", "blurred")]
-        colour = body.split(" ")[1]
-        alts += [f"{body.replace(' ' + colour + ' ', ' ' + o + ' ', 1)}; {effect}"
-                 for o in colours if o != colour]
-    return [text] + [a for a in alts if a != text]
+def _caption_alternatives(text: str, clean_twin: str, colours: list[str]) -> list[str]:
+    """The candidate captions of one frame, the true one first. clean_twin: the caption of the
+    same moment in the other video (the body a "No object." frame would have had)."""
+    from data_pipelines import synthetic
+
+    body, effect = (clean_twin if text == "No object." else text).rsplit("; ", 1)
+    alts = [f"{body}; {e}." for e in dict.fromkeys(synthetic.EFFECT_CAPTION.values())]
+    alts.append("No object.")
+    colour = body.split(" ")[1]
+    alts += [f"{body.replace(' ' + colour + ' ', ' ' + o + ' ', 1)}; {effect}"
+             for o in colours if o != colour]
+    return [text] + [a for a in dict.fromkeys(alts) if a != text]
 
 
 def main(argv=None) -> int:
@@ -56,37 +56,46 @@ def main(argv=None) -> int:
     logging.set_verbosity(logging.WARNING)
     from data_pipelines import synthetic
     from experiments import demo as demo_lib
-    from vrthinker_jax.rollout import protocol
+    from experiments import demo_pretraining
+    from vrthinker_jax.rollout import chat, protocol
     from vrthinker_jax.train import examples
 
-    seq_len = 96  # a moment's two frames and the longest verdict or caption
     try:
         _, demo, tok, ckpt_dir = demo_lib.open_run(args.demo_dir, args.stage)
-        scorer = demo_lib.TeacherForcedScorer(demo, tok, ckpt_dir, batch=args.batch,
-                                              seq_len=seq_len)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     pcfg = protocol.ProtocolConfig.from_configdict(demo.protocol)
     n = pcfg.num_candidates
     heldout, banks = demo_lib.load_heldout(args.demo_dir, demo)
+    data_dir = os.path.join(args.demo_dir, "data")
     caps = {r["id"]: r for r in demo_lib._read_jsonl(
-        os.path.join(args.demo_dir, "data", "captions_heldout.jsonl"))}
-    words = sorted({synthetic._JUDGE_WORD[k] for ks in demo.synthetic.defect_kinds.values()
-                    for k in ks})
+        os.path.join(data_dir, "captions_heldout.jsonl"))}
+    traces = {t["id"]: t for t in demo_lib._read_jsonl(
+        os.path.join(data_dir, "cot_heldout.jsonl"))}
+    # the verdicts the oracle states after each call (by call index), over every pair
+    verdicts: dict[int, list[str]] = {}
+    for split in ("train", "heldout"):
+        for t in demo_lib._read_jsonl(os.path.join(data_dir, f"cot_{split}.jsonl")):
+            for k, (_, text) in enumerate(demo_pretraining.call_rows(t)):
+                verdicts.setdefault(k, [])
+                if text not in verdicts[k]:
+                    verdicts[k].append(text)
     rng = np.random.default_rng(args.seed)
-    items = {"judgment": [], "caption": []}  # (pair id, frames, true text, defect kind or "")
+    # kind -> [(pair id, frames, candidate texts (the true one first), defect kind or "")]
+    items = {"call": [], "caption": []}
+    colours = list(synthetic.COLOURS)
     for r in heldout:
         d = r["meta"].get("defect")
         bad = set(d["global_frames"]) if d else set()
-        rec = caps[r["id"]]
-        if "judgments" in rec:
-            moments = [(c, d["kind"] if c in bad or n + c in bad else "")
-                       for c in range(1, n + 1)]
-            items["judgment"] += [(r["id"], [c, n + c], rec["judgments"][c - 1], b)
-                                  for c, b in moments]
-        items["caption"] += [(r["id"], [g], t, d["kind"] if g in bad else "")
-                             for g, t in enumerate(rec["captions"], start=1)]
+        for k, (frames, text) in enumerate(demo_pretraining.call_rows(traces[r["id"]])):
+            alts = [text] + [v for v in verdicts[k] if v != text]
+            items["call"].append((r["id"], frames, alts, d["kind"] if bad & set(frames) else ""))
+        texts = caps[r["id"]]["captions"]
+        for g, text in enumerate(texts, start=1):
+            twin = texts[(g - 1 + n) % (2 * n)]
+            items["caption"].append((r["id"], [g], _caption_alternatives(text, twin, colours),
+                                     d["kind"] if g in bad else ""))
     for kind, its in items.items():  # every defective item, as many clean ones
         bad = [x for x in its if x[3]]
         clean = [its[i] for i in rng.permutation(len(its)) if not its[i][3]][:len(bad)]
@@ -94,8 +103,15 @@ def main(argv=None) -> int:
         if args.max_items and len(keep) > args.max_items:
             keep = [keep[i] for i in rng.permutation(len(keep))[:args.max_items]]
         items[kind] = keep
+    max_frames = max([len(x[1]) for its in items.values() for x in its] or [1])
+    probe = [(frames, alt) for its in items.values() for _, frames, alts, _ in its
+             for alt in alts]
+    seq_len = max(len(chat.tokenize_segments(
+        tok, protocol.caption_segments(frames, alt),
+        demo_lib.tokens_per_frame(demo)).ids) for frames, alt in probe) + 1 if probe else 16
+    scorer = demo_lib.TeacherForcedScorer(demo, tok, ckpt_dir, batch=args.batch,
+                                          seq_len=seq_len)
 
-    colours = list(synthetic.COLOURS)
     t0 = time.perf_counter()
     report = {"bench": "pretrain_probe", "stage": args.stage, "pairs": len(heldout)}
     for view in ("seen", "blind"):
@@ -105,13 +121,12 @@ def main(argv=None) -> int:
                 continue
             blind = view == "blind"
             # (item index, alternative index, pair id, frames, text) of each scored example
-            rows = [(i, a, pid, frames, alt) for i, (pid, frames, text, _) in enumerate(its)
-                    for a, alt in enumerate(_alternatives(kind, text, n, frames[0], words,
-                                                          colours))]
+            rows = [(i, a, pid, frames, alt) for i, (pid, frames, alts, _) in enumerate(its)
+                    for a, alt in enumerate(alts)]
             exs = (examples.segments_to_example(
                 protocol.caption_segments(frames, alt),
                 np.zeros_like(banks[pid]) if blind else banks[pid], tok, pcfg=pcfg,
-                seq_len=seq_len, max_frames=2, merged_grid=scorer.rt.merged_grid)
+                seq_len=seq_len, max_frames=max_frames, merged_grid=scorer.rt.merged_grid)
                 for _, _, pid, frames, alt in rows)
             scores: dict[int, dict[int, float]] = {}
             for (i, a, *_), v in zip(rows, scorer(exs), strict=True):
@@ -128,8 +143,7 @@ def main(argv=None) -> int:
                 "defective": round(float(np.mean(bad)), 3) if bad else None,
                 "clean": round(float(np.mean(clean)), 3) if clean else None,
                 "by_kind": by_kind,
-                "alternatives": len(_alternatives(kind, its[0][2], n, its[0][1][0], words,
-                                                  colours)),
+                "alternatives": min(len(it[2]) for it in its),
             }
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(report))

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         return 2
     pcfg = protocol.ProtocolConfig.from_configdict(demo.protocol)
     syn_cfg = synthetic.synthetic_config(**demo.synthetic.to_dict())
-    layout = synthetic.make_layout(int(syn_cfg.frames), pcfg, int(syn_cfg.margin_frames))
+    layout = synthetic.layout_for(syn_cfg, pcfg)
     heldout, banks = demo_lib.load_heldout(args.demo_dir, demo)
 
     rng = np.random.default_rng(args.seed)

@@ -452,7 +452,7 @@ _DEFECT_TEXT = {
     "stall": "the {shape} jumping back to an earlier position",
     "colour": "the {shape} turning {alt} instead of {colour}",
     "shape": "a {alt} instead of a {shape}",
-    "dropout": "a black block where part of the frame was lost",
+    "dropout": "a flat block where part of the frame was lost",
     "smear": "the {shape} smeared into a streak across the frame",
     "missing": "no {shape} at all",
 }
@@ -465,8 +465,8 @@ def _frames_text(frames) -> str:
 ORACLE_STYLES = ("verbose", "terse", "describe", "video")
 # one word per kind for the "video" verdicts
 KIND_WORD = {"noise": "noise", "blur": "blur", "teleport": "jump", "stall": "stall",
-               "colour": "colour", "shape": "shape", "dropout": "dropout", "smear": "smear",
-               "missing": "missing"}
+             "colour": "colour", "shape": "shape", "dropout": "dropout", "smear": "smear",
+             "missing": "missing"}
 
 _DEFECT_WORD = {"noise": "noise", "blur": "blur", "teleport": "a jump", "stall": "a stall",
                 "colour": "the wrong colour", "shape": "the wrong shape",

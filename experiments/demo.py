@@ -534,8 +534,7 @@ def run(demo, out_dir: str) -> dict:
         phases.append(("pretrain_calls", int(pt.call_steps), int(pt.call_batch_size), items,
                        [train_banks[it["pair"]] for it in items], None, counts))
     for tag, n_steps, batch_size, records, rec_banks, to_segments, counts in phases:
-        segments = to_segments or (lambda it, _: protocol.caption_segments(it["frames"],
-                                                                           it["text"]))
+        segments = to_segments or demo_pretraining.mixed_segments  # items: frames + text
         # the longest row: items repeat (oversampling), so each distinct one is measured once
         distinct = {json.dumps(r, sort_keys=True): r for r in records}.values()
         lengths = [chat.tokenize_segments(tok, segments(r, pcfg), vt) for r in distinct]

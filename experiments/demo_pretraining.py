@@ -36,11 +36,14 @@ def oversample(items: list[dict], rare: list[bool], share: float) -> list[dict]:
 def call_rows(trace: dict) -> list[tuple[list[int], str]]:
     """(frames, synthesis) of each tool call of an oracle trace: the frames the call returned and
     what the next turn's synthesis says about them."""
+    from vrthinker_jax.rollout import protocol
+
+    start, end = protocol.SYNTHESIS_TAGS
     turns = trace["turns"]
     out = []
     for i, turn in enumerate(turns):
         if turn.get("role") == "tool" and i + 1 < len(turns):
-            text = turns[i + 1]["content"].split("<synthesis>", 1)[1].split("</synthesis>", 1)[0]
+            text = turns[i + 1]["content"].split(start, 1)[1].split(end, 1)[0]
             out.append(([int(f) for f in turn["frames"]], text))
     return out
 

@@ -208,23 +208,64 @@ def test_pretrain_probe_on_the_quick_demo(quick_run):
 @pytest.mark.slow
 def test_grpo_reward_bench_on_the_quick_demo(quick_run):
     """From the SFT checkpoint (the quick run's RFT may accept no trace, so it may have none), a
-    warm SFT step, two GRPO steps and the fixed-prompt reward before and after: one JSON line
-    with every part in range."""
+    warm SFT step, two GRPO steps (two inner updates each, on a pool of two prompts) and the
+    fixed-prompt reward before and after: one JSON line with every part in range; a config
+    override naming no field is refused in one line."""
+    out, _, _ = quick_run
+
+    def bench(*extra):
+        return subprocess.run(
+            [sys.executable, "experiments/benchmarks/grpo_reward_bench.py", "--demo-dir", out,
+             "--from", "sft", *extra],
+            cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+            text=True, timeout=900,
+        )
+
+    proc = bench("--sft-steps", "1", "--steps", "2", "--eval-prompts", "2", "--eval-samples",
+                 "3", "--train-prompts", "2", "--set", "grpo.inner_updates=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rep["from"] == "sft" and rep["steps"] == 2 and rep["fixed_prompts"] == 2
+    assert rep["fixed_samples"] == 3 and rep["train_prompts"] == 2
+    assert rep["set"] == ["grpo.inner_updates=2"]
+    assert len(rep["reward"]) == len(rep["rows_in_update"]) == len(rep["kl"]) == 2
+    for part in (rep["fixed_before"], rep["fixed_after"]):
+        assert 0.0 <= part["accuracy"] <= 1.0 and 0.0 <= part["format"] <= 1.0
+    assert rep["fixed_rise"] == round(rep["fixed_after"]["total"] - rep["fixed_before"]["total"],
+                                      4)
+    # the ratio is the last inner update's: one update away from the rollout's policy, so
+    # near 1 (a learner scoring the rollout's tokens differently would put it anywhere)
+    for r, rows in zip(rep["ratio_mean"], rep["rows_in_update"]):
+        assert (r is None) == (rows == 0)
+        if r is not None:
+            assert 0.5 < r < 2.0
+
+    bad = bench("--steps", "1", "--set", "grpo.no_such_field=1")
+    assert bad.returncode == 2 and "no_such_field" in bad.stderr
+
+
+@pytest.mark.slow
+def test_grpo_step_probe_on_the_quick_demo(quick_run):
+    """One GRPO gradient of a rollout batch, one Adam step along it, against it and along a
+    placebo: one JSON line; along the gradient the positive rows gain on the negative ones more
+    than against it (the objective's first-order promise)."""
     out, _, _ = quick_run
     proc = subprocess.run(
-        [sys.executable, "experiments/benchmarks/grpo_reward_bench.py", "--demo-dir", out,
-         "--from", "sft", "--sft-steps", "1", "--steps", "2", "--eval-prompts", "2"],
+        [sys.executable, "experiments/benchmarks/grpo_step_probe.py", "--demo-dir", out,
+         "--from", "sft", "--prompts", "2", "--group", "4", "--lrs", "1e-5,1e-4",
+         "--eval-prompts", "1", "--eval-samples", "2"],
         cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert rep["from"] == "sft" and rep["steps"] == 2 and rep["fixed_prompts"] == 2
-    assert len(rep["reward"]) == len(rep["rows_in_update"]) == 2
-    for part in (rep["fixed_before"], rep["fixed_after"]):
-        assert 0.0 <= part["accuracy"] <= 1.0 and 0.0 <= part["format"] <= 1.0
-    assert rep["fixed_rise"] == round(rep["fixed_after"]["total"] - rep["fixed_before"]["total"],
-                                      4)
+    assert rep["bench"] == "grpo_step_probe" and [q["lr"] for q in rep["probes"]] == [1e-5, 1e-4]
+    for q in rep["probes"]:
+        for way in ("along", "against", "random"):
+            assert 0.0 <= q[way]["format"] <= 1.0 and 0.0 <= q[way]["accuracy"] <= 1.0
+        if q["along"]["dlogp_pos"] is not None and q["along"]["dlogp_neg"] is not None:
+            gap = {w: q[w]["dlogp_pos"] - q[w]["dlogp_neg"] for w in ("along", "against")}
+            assert gap["along"] > gap["against"], q
 
 
 def _oracle_trace(pid: str, verdicts: list[tuple[int, str]], n: int) -> dict:

@@ -43,45 +43,48 @@ def _slope(ys: list[float]) -> float:
                                                                     for i in range(n))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_start_args(p: argparse.ArgumentParser) -> None:
+    """The arguments that pick the starting policy and the GRPO settings (shared with
+    grpo_step_probe.py)."""
     p.add_argument("--demo-dir", required=True, help="a finished `experiments.demo` --out dir")
     p.add_argument("--from", dest="stage", default="sft",
                    help="start from this stage's checkpoint (sft, rft, pretrain_calls, ...)")
     p.add_argument("--sft-steps", type=int, default=0,
                    help="cold-start SFT steps on the run's training traces before GRPO")
-    p.add_argument("--eval-prompts", type=int, default=32,
-                   help="fixed training prompts scored before and after GRPO (0 = none)")
-    p.add_argument("--steps", type=int, default=16, help="GRPO steps (rollout batches)")
+    p.add_argument("--sft-workdir", default="",
+                   help="the warm-up SFT's checkpoints (default: <workdir>/sft); a finished one "
+                        "is restored, not rerun, so several GRPO runs can share one warm-up")
     p.add_argument("--prompts", type=int, default=0, help="prompts per step (0 = the demo's)")
     p.add_argument("--group", type=int, default=0, help="rollouts per prompt (0 = the demo's)")
     p.add_argument("--lr", type=float, default=0.0, help="learning rate (0 = the demo's)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = the demo's")
-    p.add_argument("--window", type=int, default=4, help="steps averaged at each end")
     p.add_argument("--workdir", default="", help="GRPO checkpoints (default: a temp dir)")
-    args = p.parse_args(argv)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the GRPO stage config, e.g. optimizer.eps=1e-6 "
+                        "or grpo.inner_updates=2 (repeatable)")
 
-    import jax
-    import numpy as np
+
+class StartError(Exception):
+    """A missing demo run or a bad override: printed as one line, exit status 2."""
+
+
+def start(args, steps: int):
+    """The GRPO stage config, runtime (params = the starting policy), tokenizer, demo config,
+    training prompt records and their frame banks (id -> uint8 [2N, H, W, 3]) of a demo run."""
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
     from experiments import demo as demo_lib
     from experiments.configs import grpo as grpo_cfgs
     from experiments.configs import sft as sft_cfgs
-    from vrthinker_jax.train import grpo, rewards, runtime, sft
+    from vrthinker_jax import cli
+    from vrthinker_jax.train import runtime, sft
 
     try:
         res, demo, tok, ckpt_dir = demo_lib.open_run(args.demo_dir, args.stage)
     except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise StartError(str(e)) from None
     g = demo.grpo
-    prompts_per_step = args.prompts or int(g.prompts_per_step)
-    group = args.group or int(g.group_size)
-    lr = args.lr or float(g.lr)
-    temperature = args.temperature or float(g.temperature)
     data_dir = os.path.join(args.demo_dir, "data")
     train_pairs = demo_lib._read_jsonl(os.path.join(data_dir, "train.jsonl"))
     banks = demo_lib.load_banks(train_pairs, data_dir, int(demo.protocol.num_candidates),
@@ -92,16 +95,21 @@ def main(argv=None) -> int:
     sampling = dict(max_len=int(lengths["max_len"]), max_new_tokens=int(demo.eval.max_new_tokens),
                     max_turn_tokens=int(demo.eval.max_turn_tokens),
                     prompt_buckets=(demo_lib._round_up(int(lengths["prompt_max"]), 64),),
-                    temperature=temperature)
+                    temperature=args.temperature or float(g.temperature))
+    prompts_per_step = args.prompts or int(g.prompts_per_step)
     cfg = demo_lib.stage_config(grpo_cfgs, demo, tok, protocol=demo.protocol.to_dict(),
-                                steps=args.steps, batch_size=prompts_per_step, lr=lr,
-                                seq_len=int(lengths["max_len"]), warmup=1, sampling=sampling)
-    cfg.grpo.update(dict(group_size=group, prompts_per_step=prompts_per_step,
-                         kl_coef=float(g.kl_coef)))
+                                steps=steps, batch_size=prompts_per_step,
+                                lr=args.lr or float(g.lr), seq_len=int(lengths["max_len"]),
+                                warmup=1, sampling=sampling)
+    cfg.grpo.update(dict(group_size=args.group or int(g.group_size),
+                         prompts_per_step=prompts_per_step, kl_coef=float(g.kl_coef)))
     cfg.progress = False
+    try:
+        cli.apply_overrides(cfg, args.set)
+    except cli.CliError as e:
+        raise StartError(str(e)) from None
     rt = runtime.setup(cfg, tok)
     rt.params = demo_lib.restore_params(ckpt_dir, cfg, rt)
-    work = args.workdir or tempfile.mkdtemp(prefix="grpo_reward_")
     if args.sft_steps > 0:
         s = demo.sft
         scfg = demo_lib.stage_config(sft_cfgs, demo, tok, protocol=demo.protocol.to_dict(),
@@ -111,33 +119,77 @@ def main(argv=None) -> int:
         traces = demo_lib._read_jsonl(os.path.join(data_dir, "cot_train.jsonl"))
         srt = runtime.setup(scfg, tok, model=rt.model(rt.params))
         ds = sft.in_memory_dataset(scfg, traces, [banks[t["id"]] for t in traces], tok, srt)
-        srt, _ = sft.run_sft(scfg, os.path.join(work, "sft"), ds, rt=srt)
+        work = args.workdir or tempfile.mkdtemp(prefix="grpo_warm_")
+        srt, _ = sft.run_sft(scfg, args.sft_workdir or os.path.join(work, "sft"), ds, rt=srt)
         rt.params = srt.params
+    return cfg, rt, tok, demo, records, banks
 
+
+def score(cfg, rt, tok, params, records: list[dict], banks: dict, rows: list[int],
+          key) -> dict:
+    """Mean reward parts of one rollout per entry of `rows` (indices into `records`, repeated
+    for several samples of a prompt) under `params`, prompts_per_step x group_size rows per
+    engine call."""
+    import jax
+    import numpy as np
+
+    from vrthinker_jax.train import grpo, rewards
+
+    engine = grpo.make_engine(cfg, rt, tok, params=params)
+    parts = []
+    per_call = int(cfg.grpo.prompts_per_step) * int(cfg.grpo.group_size)
+    for j in range(0, len(rows), per_call):
+        chunk = rows[j:j + per_call]
+        trajs = engine.rollout([records[i]["prompt"] for i in chunk],
+                               np.stack([banks[records[i]["id"]] for i in chunk]),
+                               jax.random.fold_in(key, j))
+        parts += [rewards.trajectory_reward(t.assistant_turns, t.judgments,
+                                            records[i]["labels"], t.frames_selected,
+                                            cfg.rewards) for t, i in zip(trajs, chunk)]
+    return {k: round(float(np.mean([getattr(p, k) for p in parts])), 4)
+            for k in ("total", "accuracy", "format")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_start_args(p)
+    p.add_argument("--eval-prompts", type=int, default=32,
+                   help="fixed training prompts scored before and after GRPO (0 = none)")
+    p.add_argument("--eval-samples", type=int, default=0,
+                   help="samples per fixed prompt (0 = the group size); more samples, less "
+                        "noise in the before / after numbers")
+    p.add_argument("--train-prompts", type=int, default=0,
+                   help="train on the first N training prompts only (0 = all); with "
+                        "--eval-prompts N the per-step reward is measured on the fixed set "
+                        "itself, free of the draw of prompts")
+    p.add_argument("--steps", type=int, default=16, help="GRPO steps (rollout batches)")
+    p.add_argument("--window", type=int, default=4, help="steps averaged at each end")
+    args = p.parse_args(argv)
+
+    import jax
+
+    from vrthinker_jax.train import grpo
+
+    try:
+        cfg, rt, tok, demo, records, banks = start(args, args.steps)
+    except StartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prompts_per_step, group = int(cfg.grpo.prompts_per_step), int(cfg.grpo.group_size)
+    temperature = float(cfg.sampling.temperature)
+    work = args.workdir or tempfile.mkdtemp(prefix="grpo_reward_")
     fixed = list(range(min(args.eval_prompts, len(records))))
+    eval_samples = args.eval_samples or group
+    fixed_rows = [i for i in fixed for _ in range(eval_samples)]
+    key = jax.random.key(int(demo.seed) + 11)
 
     def fixed_reward(params) -> dict:
-        """Mean reward parts over the fixed prompts, `group` samples each."""
-        if not fixed:
-            return {}
-        engine = grpo.make_engine(cfg, rt, tok, params=params)
-        parts, key = [], jax.random.key(int(demo.seed) + 11)
-        rows = [i for i in fixed for _ in range(group)]
-        per_call = prompts_per_step * group
-        for j in range(0, len(rows), per_call):
-            chunk = rows[j:j + per_call]
-            trajs = engine.rollout([records[i]["prompt"] for i in chunk],
-                                   np.stack([banks[records[i]["id"]] for i in chunk]),
-                                   jax.random.fold_in(key, j))
-            parts += [rewards.trajectory_reward(t.assistant_turns, t.judgments,
-                                                records[i]["labels"], t.frames_selected,
-                                                cfg.rewards) for t, i in zip(trajs, chunk)]
-        return {k: round(float(np.mean([getattr(p, k) for p in parts])), 4)
-                for k in ("total", "accuracy", "format")}
+        return score(cfg, rt, tok, params, records, banks, fixed_rows, key) if fixed else {}
 
     before = fixed_reward(rt.params)
-    prompts = grpo.in_memory_prompts(cfg, records, [banks[r["id"]] for r in train_pairs],
-                                     prompts_per_step)
+    pool = records[:args.train_prompts] if args.train_prompts > 0 else records
+    prompts = grpo.in_memory_prompts(cfg, pool, [banks[r["id"]] for r in pool], prompts_per_step)
     t0 = time.perf_counter()
     rt, hist = grpo.run_grpo(cfg, work, None, tok, rt=rt, dataset=prompts)
     wall = time.perf_counter() - t0
@@ -149,14 +201,22 @@ def main(argv=None) -> int:
     first, last = sum(reward[:w]) / w, sum(reward[-w:]) / w
     out = {
         "bench": "grpo_reward", "device": jax.devices()[0].platform, "from": args.stage,
-        "sft_steps": args.sft_steps, "steps": len(hist), "prompts_per_step": prompts_per_step,
-        "group_size": group, "lr": lr, "temperature": temperature, "kl_coef": float(g.kl_coef),
-        "fixed_prompts": len(fixed), "fixed_before": before, "fixed_after": after,
+        "sft_steps": args.sft_steps, "train_prompts": len(pool), "steps": len(hist),
+        "prompts_per_step": prompts_per_step,
+        "group_size": group, "lr": float(cfg.optimizer.lr), "temperature": temperature,
+        "kl_coef": float(cfg.grpo.kl_coef), "warmup_steps": int(cfg.optimizer.warmup_steps),
+        "inner_updates": int(cfg.grpo.inner_updates), "set": args.set,
+        "fixed_prompts": len(fixed), "fixed_samples": eval_samples, "fixed_before": before,
+        "fixed_after": after,
         "fixed_rise": (round(after["total"] - before["total"], 4) if fixed else None),
         "reward": reward,
         "reward_accuracy": [round(h["reward_accuracy"], 4) for h in hist],
         "reward_format": [round(h.get("reward_format", 0.0), 4) for h in hist],
         "rows_in_update": [h["rows_in_update"] for h in hist],
+        # the update's own view: ratio ~1 and small KL mean the learner scores the rollout's
+        # tokens as the rollout did; entropy shows whether the policy sharpens
+        **{k: [round(h[k], 4) if k in h else None for h in hist]
+           for k in ("ratio_mean", "clip_frac", "kl", "entropy", "grad_norm")},
         "first_mean": round(first, 4), "last_mean": round(last, 4),
         "rise": round(last - first, 4), "slope_per_step": round(_slope(reward), 5),
         "window": w, "wall_s": round(wall, 1),

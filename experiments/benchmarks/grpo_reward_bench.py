@@ -8,16 +8,20 @@ per training prompt, group-normalised advantages, clipped ratio, k3 KL) with the
 settings unless overridden.
 
 The per-step training reward depends on which prompts a step draws, so the policy is also
-scored on a fixed set of `--eval-prompts` training prompts (G samples each, at the GRPO
-temperature) before and after GRPO. Prints exactly one JSON line: the fixed-set reward before
-and after (and its accuracy / format parts), the per-step training reward, the mean of the
-first and last `--window` steps, the least-squares slope per step, and the rollout / update
-time split.
+scored on a fixed set of `--eval-prompts` training prompts (`--eval-samples` each, at the
+GRPO temperature) before and after GRPO; `--train-prompts N` trains on the first N prompts
+only, so that with N = `--eval-prompts` the per-step reward is measured on the fixed set too.
+Prints exactly one JSON line: the fixed-set reward before and after (and its accuracy /
+format parts), the per-step training reward and update metrics, the mean of the first and last
+`--window` steps, the least-squares slope per step, and the rollout / update time split.
 
     python -m experiments.demo --out /tmp/demo              # writes /tmp/demo/<stage>/checkpoints
     python experiments/benchmarks/grpo_reward_bench.py --demo-dir /tmp/demo --steps 16
+    # the README's 64-step runs (add --set seed=1 for the second)
     python experiments/benchmarks/grpo_reward_bench.py --demo-dir /tmp/demo \
-        --from pretrain_calls --sft-steps 40 --steps 24
+        --from pretrain_calls --sft-steps 100 --train-prompts 8 --eval-prompts 8 \
+        --eval-samples 16 --prompts 8 --group 4 --steps 64 --window 8 --lr 3e-5 \
+        --set optimizer.warmup_steps=10
 
 Nothing here reads the held-out split: prompts come from the run's training pairs.
 """
@@ -125,17 +129,16 @@ def start(args, steps: int):
     return cfg, rt, tok, demo, records, banks
 
 
-def score(cfg, rt, tok, params, records: list[dict], banks: dict, rows: list[int],
-          key) -> dict:
+def score(cfg, engine, params, records: list[dict], banks: dict, rows: list[int], key) -> dict:
     """Mean reward parts of one rollout per entry of `rows` (indices into `records`, repeated
     for several samples of a prompt) under `params`, prompts_per_step x group_size rows per
-    engine call."""
+    call of `engine` (one engine for every policy scored: its compiled functions are reused)."""
     import jax
     import numpy as np
 
-    from vrthinker_jax.train import grpo, rewards
+    from vrthinker_jax.train import rewards
 
-    engine = grpo.make_engine(cfg, rt, tok, params=params)
+    engine.update_params(params)
     parts = []
     per_call = int(cfg.grpo.prompts_per_step) * int(cfg.grpo.group_size)
     for j in range(0, len(rows), per_call):
@@ -183,9 +186,10 @@ def main(argv=None) -> int:
     eval_samples = args.eval_samples or group
     fixed_rows = [i for i in fixed for _ in range(eval_samples)]
     key = jax.random.key(int(demo.seed) + 11)
+    engine = grpo.make_engine(cfg, rt, tok, params=rt.params)
 
     def fixed_reward(params) -> dict:
-        return score(cfg, rt, tok, params, records, banks, fixed_rows, key) if fixed else {}
+        return score(cfg, engine, params, records, banks, fixed_rows, key) if fixed else {}
 
     before = fixed_reward(rt.params)
     pool = records[:args.train_prompts] if args.train_prompts > 0 else records

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         pos, neg = used & (adv > 0), used & (adv < 0)
         return {"dlogp_pos": round(float(d[pos].mean()), 3) if pos.any() else None,
                 "dlogp_neg": round(float(d[neg].mean()), 3) if neg.any() else None,
-                **bench.score(cfg, rt, tok, params, records, banks, eval_rows, eval_key)}
+                **bench.score(cfg, engine, params, records, banks, eval_rows, eval_key)}
 
     rng = np.random.default_rng(int(demo.seed))
     placebo = jax.tree.map(
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         "rows_in_update": stats["rows_in_update"],
         "grad_norm": round(float(optax.global_norm(g)), 4),
         "eval_prompts": args.eval_prompts, "eval_samples": args.eval_samples,
-        "base": bench.score(cfg, rt, tok, p0, records, banks, eval_rows, eval_key),
+        "base": bench.score(cfg, engine, p0, records, banks, eval_rows, eval_key),
         "probes": probes,
     }
     print(json.dumps(out))

@@ -1,0 +1,141 @@
+"""Presets and release rendering: our model inputs equal transformers' processor outputs on the
+conversation the release builds (tests/release_reference.py), first turn and after two calls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data_pipelines import tokenizer as tok_lib
+from tests import release_reference as ref
+from tests.test_tokenizer import QWEN25VL_TEMPLATE
+from vrthinker_jax.rollout import presets, release, render
+
+# frames at a multiple of 28 inside every budget, so no stage resizes them (see the reference's
+# docstring on the video processor)
+H, W = 56, 84
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=700, special_tokens=list(tok_lib.SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [presets.load("vr-thinker").first_turn.text, render.NOUS_TOOLS_BLOCK,
+              "<synthesis>Video 1 flickers.</synthesis>\n<think>Check frames 12 and 60.</think>"]
+    tok.train_from_iterator(corpus * 20, trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)
+
+
+def _small(preset_name: str) -> presets.Preset:
+    """A shipped preset with pixel budgets that keep the test frames as they are."""
+    import dataclasses
+
+    p = presets.load(preset_name)
+    px = dataclasses.replace(p.pixels, initial_min_pixels=H * W, initial_max_pixels=H * W,
+                             video_min_pixels=28 * 28, video_max_pixels=H * W,
+                             image_min_pixels=28 * 28, image_max_pixels=H * W,
+                             square_side=0)
+    return dataclasses.replace(p, pixels=px)
+
+
+@pytest.fixture(scope="module")
+def candidates():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (96, H, W, 3), dtype=np.uint8)
+
+
+def _ours(preset, conv, tok_path, gen):
+    tok = tok_lib.load_tokenizer(tok_path)
+    return render.render(conv, preset, render.ChatTemplate(QWEN25VL_TEMPLATE), tok,
+                         add_generation_prompt=gen).arrays()
+
+
+def _assert_same(ours: dict, theirs: dict):
+    np.testing.assert_array_equal(ours["input_ids"], theirs["input_ids"])
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        want = theirs.get(key, np.zeros((0,) + ours[key].shape[1:], ours[key].dtype))
+        assert ours[key].shape == want.shape, key
+        np.testing.assert_allclose(ours[key], want, rtol=0, atol=1e-6, err_msg=key)
+    if "second_per_grid_ts" in theirs:
+        np.testing.assert_allclose(ours["second_per_grid_ts"], theirs["second_per_grid_ts"])
+
+
+def test_tools_block_matches_qwen_agent():
+    preset = presets.load("vr-thinker")
+    msgs = ref.release_first_messages("x", 8)
+    want = "".join(item["text"] for item in msgs[0]["content"])
+    assert render.system_text(preset) == want
+    assert preset.tool.function() == ref.SELECT_FRAMES
+
+
+def _reference_processor(preset, tok_path):
+    px = preset.pixels
+    return ref.make_processor(tok_path, QWEN25VL_TEMPLATE, image_min=px.image_min_pixels,
+                              image_max=px.image_max_pixels, video_min=px.video_min_pixels,
+                              video_max=px.video_max_pixels, fps=px.video_fps)
+
+
+def test_first_turn_equals_transformers(tok_path, candidates):
+    preset = _small("vr-thinker")
+    prompt = "A cinematic shot of a waterfall in a lush forest."
+    conv = release.first_turn(preset, prompt, candidates)
+    ours = _ours(preset, conv, tok_path, preset.first_turn.generation_prompt)
+
+    text = preset.first_turn.text.format(prompt=prompt, num_candidates=96, per_video=48,
+                                         num_initial=8, frames="")
+    proc = _reference_processor(preset, tok_path)
+    msgs = ref.release_first_messages(text, 8)
+    rendered = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+    video = candidates[::12][:8]  # E:2270-2272
+    theirs = ref.processor_inputs(proc, rendered, [], video)
+    assert str(ours["text"]) == rendered
+    _assert_same(ours, theirs)
+    assert ours["video_grid_thw"].tolist() == [[4, H // 14, W // 14]]
+
+
+def test_after_two_calls_strips_older_images(tok_path, candidates):
+    preset = _small("vr-thinker")
+    prompt = "a red fox jumps"
+    conv = release.first_turn(preset, prompt, candidates)
+    raw_turns = [
+        "<|im_start|>assistant\n<synthesis>Both look fine.</synthesis>\n<think>Check more."
+        "</think>\n<recommend answer>OA=1</recommend answer>\n<tool_call>\n"
+        '{"name": "select_frames", "arguments": {"target_frames": [12, 16, 60]}}\n</tool_call>',
+        "<synthesis>Video 2 blurs.</synthesis>\n<think>Look again.</think>\n<recommend answer>"
+        'OA=1</recommend answer>\n<tool_call>{"name": "select_frames", "arguments": '
+        '{"target_frames": [1, 49]}}</tool_call>\n\\boxed{1}<|im_end|>',
+    ]
+    history = []
+    for raw in raw_turns:
+        result = release.parse_call(preset, raw)
+        assert result.error is None
+        rsp = release.history_text(preset, raw)
+        history.append((rsp, result.frames))
+        conv.messages.append({"role": "assistant", "content": [{"type": "text", "text": rsp}]})
+        conv.messages.append(release.response_message(preset, result, conv, candidates,
+                                                      last=False))
+    assert history[0][1] == (11, 15, 59) and history[1][1] == (0, 48)
+    assert history[1][0].endswith("</tool_call>")  # the box after the call is dropped
+    ours = _ours(preset, conv, tok_path, True)
+
+    text = preset.first_turn.text.format(prompt=prompt, num_candidates=96, per_video=48,
+                                         num_initial=8, frames="")
+    proc = _reference_processor(preset, tok_path)
+    msgs = ref.release_first_messages(text, 8)
+    for rsp, frames in history:
+        msgs += ref.tool_turn(rsp, len(frames))
+    rendered = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    stripped = ref.strip_old(rendered)
+    latest = [candidates[i] for i in history[-1][1]]
+    theirs = ref.processor_inputs(proc, stripped, latest, candidates[::12][:8])
+    assert str(ours["text"]) == stripped
+    assert stripped.count("<|image_pad|>") == 2 and rendered.count("<|image_pad|>") == 5
+    _assert_same(ours, theirs)

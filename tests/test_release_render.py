@@ -139,3 +139,119 @@ def test_after_two_calls_strips_older_images(tok_path, candidates):
     assert str(ours["text"]) == stripped
     assert stripped.count("<|image_pad|>") == 2 and rendered.count("<|image_pad|>") == 5
     _assert_same(ours, theirs)
+
+
+# --------------------------------------------------------------------------- the render CLI
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tok_path):
+    """Two small videos and an HF-style directory (tokenizer.json + chat_template.json)."""
+    import json
+    import shutil
+
+    from data_pipelines import video
+
+    d = tmp_path_factory.mktemp("pair")
+    rng = np.random.default_rng(1)
+    for name in ("a", "b"):
+        video.write_video(str(d / f"{name}.mp4"), rng.integers(0, 256, (60, H, W, 3),
+                                                               dtype=np.uint8), qp=0, gop=1)
+    ckpt = d / "hf"
+    ckpt.mkdir()
+    shutil.copy(tok_path, ckpt / "tokenizer.json")
+    (ckpt / "chat_template.json").write_text(json.dumps({"chat_template": QWEN25VL_TEMPLATE}))
+    return d
+
+
+def test_render_cli_writes_what_the_library_renders(pair, tmp_path, capsys):
+    import json
+
+    from data_pipelines import video
+    from vrthinker_jax.tools import forward
+    from vrthinker_jax.tools import render as render_cli
+
+    preset_path = tmp_path / "small.toml"
+    src = open(presets.resolve("vr-thinker")).read()
+    for key, value in (("initial_min_pixels", H * W), ("initial_max_pixels", H * W),
+                       ("video_max_pixels", H * W), ("image_max_pixels", H * W)):
+        src = "\n".join(f"{key} = {value}" if line.startswith(f"{key} =") else line
+                        for line in src.splitlines())
+    preset_path.write_text(src)
+    turns = tmp_path / "turns.json"
+    call = '<tool_call>{"name": "select_frames", "arguments": {"target_frames": [3, 50]}}'
+    turns.write_text(json.dumps([f"<synthesis>a</synthesis><think>b</think><recommend answer>"
+                                 f"OA=1</recommend answer>{call}</tool_call>"]))
+    out = tmp_path / "in.npz"
+    args = ["--checkpoint", str(pair / "hf"), "--preset", str(preset_path), "--prompt", "a fox",
+            "--video-a", str(pair / "a.mp4"), "--video-b", str(pair / "b.mp4"),
+            "--turns", str(turns), "--out", str(out)]
+    assert render_cli.main(args) == 0
+    assert "unverified" in capsys.readouterr().err  # the preset's open values are shown
+
+    preset = presets.load(str(preset_path))
+    cands = np.concatenate([video.read_frames(str(pair / f"{v}.mp4"), num_frames=48)
+                            for v in ("a", "b")])
+    conv, gen = release.replay(preset, "a fox", cands, json.loads(turns.read_text()))
+    want = render.render(conv, preset, render.ChatTemplate(QWEN25VL_TEMPLATE),
+                         tok_lib.load_tokenizer(str(pair / "hf")),
+                         add_generation_prompt=gen).arrays()
+    with np.load(out) as f:
+        got = {k: f[k] for k in f.files}
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert got["image_grid_thw"].shape == (2, 3) and got["video_grid_thw"].shape == (1, 3)
+    assert sorted(forward.read_inputs(str(out))) == sorted(set(forward.KNOWN) - {"attention_mask"})
+
+    # a turn without a tool call ends the row: one line, exit 2
+    turns.write_text(json.dumps(["<synthesis>a</synthesis><think>b</think>\\boxed{1}"]))
+    capsys.readouterr()
+    assert render_cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("render: error: turn 1 does not end in a tool call")
+    turns.write_text("{not json")
+    assert render_cli.main(args) == 2
+    assert "turns.json: cannot read turns" in capsys.readouterr().err
+
+
+def test_release_call_rules():
+    p = presets.load("vr-thinker")
+
+    def call(args: str) -> release.CallResult:
+        return release.parse_call(p, f'<tool_call>{{"name": "select_frames", "arguments": '
+                                     f'{{"target_frames": {args}}}}}</tool_call>')
+
+    assert call("[1, 96]").frames == (0, 95)
+    assert call("[0]").frames == (95,)  # E:1193 indexes with frame - 1: 0 is the last frame
+    assert call("[97]").error.startswith("There are 96 frames numbered in range [1,96]")
+    assert call(str(list(range(1, 10)))).error.startswith("You have selected 9 frames")
+    assert call("[]").error == "Execution error:\n{error_info}\n"  # the release's literal text
+    assert call('["3"]').error == p.tool_response.execution_error
+    assert release.parse_call(p, "<tool_call>{oops</tool_call>").error is not None
+    assert release.parse_answer(p, "\\boxed{2} then \\boxed{1}") == {"OA": 1}
+    assert release.parse_answer(p, "\\boxed{1} then \\boxed{7}") is None  # the last box decides
+    assert release.parse_answer(p, "no box") is None
+    raw = ("<|im_start|>assistant\nSure. <synthesis>x</synthesis>\n<think>y</think>"
+           "<recommend answer>OA=1</recommend answer>\n<tool_call>{}</tool_call>\n\\boxed{1}"
+           "<|im_end|>")
+    assert release.history_text(p, raw) == (
+        "<synthesis>x</synthesis>\n<think>y</think><recommend answer>OA=1</recommend answer>"
+        "<tool_call>{}</tool_call>")
+
+
+def test_presets_load_and_refuse_bad_files(tmp_path):
+    assert {"vr-thinker", "vrthinker"} <= set(presets.available())
+    for name in presets.available():
+        p = presets.load(name)
+        assert p.name == name and p.unverified  # every shipped preset says what is open
+    bad = tmp_path / "bad.toml"
+    src = open(presets.resolve("vr-thinker")).read()
+    bad.write_text(src.replace("max_per_call = 8", "max_per_call = 8\nmax_per_cal = 9"))
+    with pytest.raises(presets.PresetError, match=r"bad.toml: \[frames\] has unknown keys"):
+        presets.load(str(bad))
+    bad.write_text(src.replace('rule = "last_boxed"', 'rule = "first_box"'))
+    with pytest.raises(presets.PresetError, match=r"\[answer\].rule = 'first_box'"):
+        presets.load(str(bad))
+    with pytest.raises(presets.PresetError, match="neither a file nor one of"):
+        presets.load("no-such-preset")

@@ -218,3 +218,30 @@ def parse_answer(preset: presets.Preset, trajectory: str) -> dict[str, int] | No
     elif boxes:
         out.pop("OA", None)
     return out or None
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def replay(preset: presets.Preset, prompt: str, candidates: np.ndarray, turns: list[str]
+           ) -> tuple[render.Conversation, bool]:
+    """The conversation the model sees after these assistant turns and the environment's
+    answers to them; returns it with whether its prompt ends in the generation prompt.
+
+    Every turn but none of the last must ask for the tool within the call budget: a turn that
+    does not ends the row, so nothing could follow it (ValueError naming the turn).
+    """
+    conv = first_turn(preset, prompt, candidates)
+    if len(turns) > preset.budget.max_tool_calls:
+        raise ValueError(f"{len(turns)} turns given; the preset serves at most "
+                         f"{preset.budget.max_tool_calls} tool calls, so at most that many "
+                         "turns can be followed by a prompt")
+    for k, raw in enumerate(turns):
+        if not wants_tool(preset, raw):
+            raise ValueError(f"turn {k + 1} does not end in a tool call, so the row ends there")
+        conv.messages.append({"role": "assistant",
+                              "content": [{"type": "text", "text": history_text(preset, raw)}]})
+        result = parse_call(preset, raw)
+        last = k + 1 == preset.budget.max_tool_calls
+        conv.messages.append(response_message(preset, result, conv, candidates, last=last))
+    return conv, bool(turns) or preset.first_turn.generation_prompt

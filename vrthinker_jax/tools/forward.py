@@ -6,8 +6,9 @@
 DIR is a Hugging Face directory or a converted orbax checkpoint. IN.npz holds arrays named as the
 HF processor outputs them: input_ids, attention_mask (optional), pixel_values + image_grid_thw
 (optional), pixel_values_videos + video_grid_thw + second_per_grid_ts (optional);
-mm_token_type_ids is accepted and ignored (it is implied by input_ids). OUT.npz holds `logits`,
-float32 [batch, seq, vocab]. Bad input: one error line on stderr, exit status 2.
+mm_token_type_ids is accepted and ignored (it is implied by input_ids), and so is `text`
+(`python -m vrthinker_jax.tools.render` writes the rendered conversation there). OUT.npz
+holds `logits`, float32 [batch, seq, vocab]. Bad input: one error line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 
 KNOWN = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
          "video_grid_thw", "second_per_grid_ts")
-IGNORED = ("mm_token_type_ids",)
+IGNORED = ("mm_token_type_ids", "text")  # text: the rendered prompt `tools.render` stores
 
 
 def _fail(msg: str) -> int:

@@ -8,7 +8,7 @@ import pytest
 
 from data_pipelines import tokenizer as tok_lib
 from tests import release_reference as ref
-from tests.test_tokenizer import QWEN25VL_TEMPLATE
+from tests.test_tokenizer import QWEN25VL_TEMPLATE, write_bpe_tokenizer
 from vrthinker_jax.rollout import presets, release, render
 
 # frames at a multiple of 28 inside every budget, so no stage resizes them (see the reference's
@@ -18,20 +18,10 @@ H, W = 56, 84
 
 @pytest.fixture(scope="module")
 def tok_path(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=700, special_tokens=list(tok_lib.SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     corpus = [presets.load("vr-thinker").first_turn.text, render.NOUS_TOOLS_BLOCK,
               "<synthesis>Video 1 flickers.</synthesis>\n<think>Check frames 12 and 60.</think>"]
-    tok.train_from_iterator(corpus * 20, trainer)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return str(path)
+    return write_bpe_tokenizer(str(path), corpus * 20, 700)
 
 
 def _small(preset_name: str) -> presets.Preset:

@@ -66,20 +66,26 @@ def spm_tok(tmp_path_factory):
     return tok_lib.load_tokenizer(path)
 
 
-@pytest.fixture(scope="module")
-def hf_tok(tmp_path_factory):
+def write_bpe_tokenizer(path: str, corpus: list[str], vocab_size: int) -> str:
+    """Trains a byte-level BPE tokenizer.json (Qwen's special tokens first) on `corpus`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=500, special_tokens=list(tok_lib.SPECIAL_TOKENS),
+        vocab_size=vocab_size, special_tokens=list(tok_lib.SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf")
-    tok.save(str(d / "tokenizer.json"))
+    write_bpe_tokenizer(str(d / "tokenizer.json"), _corpus(), 500)
     return tok_lib.load_tokenizer(str(d))  # a directory holding tokenizer.json
 
 

@@ -180,3 +180,130 @@ def processor_inputs(proc, text: str, images, video) -> dict:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def generate_turn(hf_model, proc, text: str, images, video, *, max_new_tokens: int,
+                  stop_ids: list[int], suppress: list[int]) -> np.ndarray:
+    """One greedy turn with transformers' `generate` on a fully re-rendered prompt (the
+    release's loop, which re-prefills the whole prompt every turn). Returns the new ids (the stop
+    token included)."""
+    kw = {"text": [text], "return_tensors": "pt"}
+    if images:
+        kw["images"] = list(images)
+    if video is not None:
+        kw["videos"] = [list(video)]
+    inputs = dict(proc(**kw))
+    inputs.pop("video_metadata", None)
+    n = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = hf_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=stop_ids, pad_token_id=stop_ids[-1],
+                                suppress_tokens=suppress)
+    return out[0, n:].numpy()
+
+
+# --------------------------------------------------------------------------- a tiny release setup
+
+TINY_H, TINY_W = 56, 84  # frames at a multiple of 28: no processor stage resizes them
+# the tiny config's vision ids (502, 503, 505, 506) fix where Qwen's special tokens sit
+SPECIALS_AT_500 = ("<|endoftext|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>",
+                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<|im_end|>",
+                   "<tool_call>", "</tool_call>")
+CALLS = ([12, 60, 3], [1, 49], [96, 48, 30, 2])  # the scripted select_frames calls
+
+
+def tiny_tokenizer_json(path: str, corpus: list[str]) -> str:
+    """A byte-level BPE tokenizer.json with Qwen's special tokens at the tiny config's ids."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, initial_alphabet=pre_tokenizers.ByteLevel
+                                  .alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus * 30, trainer)
+    tok.add_tokens([f"<|fill_{i}|>" for i in range(500 - tok.get_vocab_size())])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS_AT_500])
+    assert tok.token_to_id("<|image_pad|>") == 505 and tok.token_to_id("<|video_pad|>") == 506
+    tok.save(path)
+    return path
+
+
+def tiny_release_checkpoint(directory: str, chat_template: str, seed: int = 7):
+    """A random tiny Qwen2.5-VL saved as a Hugging Face directory with a tokenizer.json and the
+    chat template; returns the transformers model."""
+    import json as _json
+
+    from tests import hf_reference
+    from vrthinker_jax.models import config as config_lib
+    from vrthinker_jax.rollout import presets, render
+
+    hf = hf_reference.build_hf_model(config_lib.get_config("tiny"), seed=seed)
+    hf.save_pretrained(directory)
+    tiny_tokenizer_json(os.path.join(directory, "tokenizer.json"),
+                        [presets.load("vr-thinker").first_turn.text, render.NOUS_TOOLS_BLOCK])
+    with open(os.path.join(directory, "chat_template.json"), "w") as f:
+        _json.dump({"chat_template": chat_template}, f)
+    return hf
+
+
+def tiny_preset(turn_tokens: int):
+    """The vr-thinker preset with pixel budgets that keep TINY_H x TINY_W frames as they are."""
+    import dataclasses
+
+    from vrthinker_jax.rollout import presets
+
+    p = presets.load("vr-thinker")
+    px = dataclasses.replace(p.pixels, initial_min_pixels=TINY_H * TINY_W,
+                             initial_max_pixels=TINY_H * TINY_W,
+                             video_max_pixels=TINY_H * TINY_W, image_max_pixels=TINY_H * TINY_W)
+    return dataclasses.replace(p, pixels=px, budget=dataclasses.replace(
+        p.budget, max_new_tokens=turn_tokens))
+
+
+def script(row: int, turn: int, text: str) -> str:
+    """A random model never calls the tool: its text is wrapped into a well-formed turn with a
+    scripted call (CALLS[turn]); the turn after the last call answers \\boxed{row + 1}."""
+    import json as _json
+
+    head = f"<synthesis>{text}</synthesis>\n<think>row {row} turn {turn}</think>"
+    if turn < len(CALLS):
+        call = _json.dumps({"name": "select_frames", "arguments": {"target_frames": CALLS[turn]}})
+        return f"{head}<recommend answer>OA=1</recommend answer><tool_call>{call}</tool_call>"
+    return f"{head}<final answer>TA=1, VQ=2, MQ=0, OA=2</final answer>\\boxed{{{row + 1}}}"
+
+
+def release_loop(hf_model, proc, preset, tok, prompt: str, cands, row: int, *,
+                 banned: list[int]) -> list[np.ndarray]:
+    """The release's loop in transformers: every turn re-rendered from qwen-agent messages, the
+    older tool images stripped, the processor call, greedy `generate`; scripted calls. Returns
+    the generated ids of each turn. (The turn rewrite is `release.history_text`, whose rules
+    are tested on their own.)"""
+    from vrthinker_jax.rollout import release
+
+    text = preset.first_turn.text.format(prompt=prompt, num_candidates=96, per_video=48,
+                                         num_initial=8, frames="")
+    msgs = release_first_messages(text, 8)
+    video, latest, gen_prompt, out = cands[::12][:8], [], False, []
+    stop = [tok.token_to_id(t) for t in ("</tool_call>", "<|im_end|>", "<|endoftext|>")]
+    for turn in range(len(CALLS) + 1):
+        rendered = strip_old(proc.apply_chat_template(msgs, tokenize=False,
+                                                      add_generation_prompt=gen_prompt))
+        ids = generate_turn(hf_model, proc, rendered, latest, video,
+                            max_new_tokens=preset.budget.max_new_tokens, stop_ids=stop,
+                            suppress=banned)
+        out.append(ids)
+        if turn == len(CALLS):
+            break
+        rsp = release.history_text(preset, script(row, turn, tok.decode([int(i) for i in ids])))
+        frames = [f - 1 for f in CALLS[turn]]
+        msgs += tool_turn(rsp, len(frames))
+        latest, gen_prompt = [cands[f] for f in frames], True
+    return out
+
+
+def preset_processor(preset, tokenizer_json: str, chat_template: str):
+    px = preset.pixels
+    return make_processor(tokenizer_json, chat_template, image_min=px.image_min_pixels,
+                          image_max=px.image_max_pixels, video_min=px.video_min_pixels,
+                          video_max=px.video_max_pixels, fps=px.video_fps)

@@ -187,6 +187,14 @@ def history_text(preset: presets.Preset, raw: str) -> str:
     return text[at:] if at >= 0 else text
 
 
+def turn_format_ok(preset: presets.Preset, raw: str) -> bool:
+    """Whether a turn passes the release's format check: in effect, whether `process` found a
+    tag set (E:2446-2505 reset the flag, then `or` it with process's; a failed row ends)."""
+    if preset.history.rule == "verbatim":
+        return True
+    return release_process(clean_turn(raw).replace(IM_END, ""))[1]
+
+
 def wants_tool(preset: presets.Preset, raw: str) -> bool:
     """Whether a turn asks for the tool: it ends in `</tool_call>` once cleaned (E:2509)."""
     text = history_text(preset, raw) if preset.history.rule != "verbatim" else raw.rstrip()

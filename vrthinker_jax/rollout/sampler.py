@@ -167,6 +167,7 @@ class Static:
     serve_fraction: float = 0.0  # see sampling_config
     kv_buckets: int = 1  # sampling_config.insert_kv_buckets
     prefill_chunk: int = 0  # sampling_config.prefill_chunk
+    banned_ids: tuple[int, ...] = ()  # ids never drawn (vision markers and pads)
 
     def kv_prefixes(self) -> tuple[int, ...]:
         """Increasing static cache-prefix lengths an insert may attend over (last = size)."""
@@ -229,7 +230,7 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
 
 def sample_logits(
     logits: jax.Array, rng: jax.Array, temperature: float, top_k: int, top_p: float,
-    vocab_limit: int = 0,
+    vocab_limit: int = 0, banned: tuple[int, ...] = (),
 ):
     """Draws one token per row. Returns (token int32 [b], log-prob float32 [b]).
 
@@ -241,6 +242,8 @@ def sample_logits(
     allowed = logits
     if 0 < vocab_limit < logits.shape[-1]:
         allowed = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+    if banned:  # structural ids (vision markers and pads) the model must never write as text
+        allowed = allowed.at[:, jnp.asarray(banned, jnp.int32)].set(-jnp.inf)
     if temperature == 0.0:
         tok = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
         logp = jax.nn.log_softmax(logits, axis=-1)
@@ -342,7 +345,8 @@ def decode(graphdef, params, state: RolloutState, st: Static) -> RolloutState:
         rng, sub = jax.random.split(s.rng)
         active = s.status == RUNNING
         tok, lp = sample_logits(
-            s.next_logits, sub, st.temperature, st.top_k, st.top_p, st.vocab_limit
+            s.next_logits, sub, st.temperature, st.top_k, st.top_p, st.vocab_limit,
+            st.banned_ids,
         )
         write = jnp.where(active, s.cache_index, st.max_len)
         written = s.written | ((slots == write[:, None]) & active[:, None])
@@ -470,9 +474,7 @@ def insert(graphdef, params, state: RolloutState, bank: jax.Array, seg: Segment,
     segment's last logits as their next-token logits.
     """
     model = nnx.merge(graphdef, params)
-    b, r = seg.tokens.shape
     serve = seg.serve
-    slots = jnp.arange(st.size)[None]
     start = jnp.where(serve, state.cache_index, st.max_len)  # unserved rows write scratch
     length = jnp.where(serve, seg.length, 0)
 
@@ -488,7 +490,18 @@ def insert(graphdef, params, state: RolloutState, bank: jax.Array, seg: Segment,
     pixels = frame_bank.gather_frames(bank, seg.frames)  # [b, F, H, W, 3]
     embeds = frame_bank.embed_with_frames(model, seg.tokens, pixels, st.patch, st.image_pad_id)
 
-    # 3) prefill into the cache at each row's offset, `prefill_chunk` queries at a time
+    return _write_segment(graphdef, params, model, state, seg, embeds, start, length,
+                          visible_until, st).replace(memory=memory)
+
+
+def _write_segment(graphdef, params, model, state: RolloutState, seg: Segment, embeds, start,
+                   length, visible_until, st: Static) -> RolloutState:
+    """Prefills `embeds` [b, R, hidden] into the cache at slots start..start+length of each
+    served row (`prefill_chunk` queries at a time) and records the segment in the sequence
+    buffers; served rows become RUNNING with the segment's last logits."""
+    b, r = seg.tokens.shape
+    serve = seg.serve
+    slots = jnp.arange(st.size)[None]
     rel = jnp.arange(r)[None]
     real = rel < length[:, None]  # [b, R]
     q_slot = start[:, None] + rel  # [b, R]
@@ -498,15 +511,14 @@ def insert(graphdef, params, state: RolloutState, bank: jax.Array, seg: Segment,
         graphdef, params, model, state.cache, seg, embeds, start, length, written, visible_until,
         st,
     )
-
-    # 4) record the segment in the sequence buffers (padding entries land in the last slot)
+    # record the segment in the sequence buffers (padding entries land in the last slot)
     rows = jnp.arange(b)[:, None]
     wslot = jnp.where(real, q_slot, st.size - 1)
     is_pad = seg.tokens == st.image_pad_id
     kind = jnp.where(real, jnp.where(is_pad, VISUAL, CONTEXT), EMPTY).astype(jnp.int8)
     return state.replace(
         cache=cache,
-        cache_index=state.cache_index + length,
+        cache_index=jnp.where(serve, start + length, state.cache_index),
         next_pos=jnp.where(serve, seg.next_pos, state.next_pos),
         written=written,
         visible_until=visible_until,
@@ -517,8 +529,33 @@ def insert(graphdef, params, state: RolloutState, bank: jax.Array, seg: Segment,
         next_logits=jnp.where(serve[:, None], last_logits.astype(jnp.float32), state.next_logits),
         status=jnp.where(serve, RUNNING, state.status),
         turn_tokens=jnp.where(serve, 0, state.turn_tokens),
-        memory=memory,
     )
+
+
+def reprefill(graphdef, params, state: RolloutState, seg: Segment, start: jax.Array,
+              visual: jax.Array, visual_index: jax.Array, st: Static) -> RolloutState:
+    """Truncates each served row to `start` and prefills a segment there: the release's memory
+    rule removes tokens mid-sequence, so the prompt after the first changed token is prefilled
+    again while the cache before it is kept.
+
+    start int32 [b] (served rows: the first slot that changes, <= cache_index); visual [b, V,
+    hidden] the segment's visual-token embeddings, computed by the vision tower outside;
+    visual_index int32 [b, R] the row of `visual` each segment token takes (-1 = text token).
+    Keys at or after `start` stop being visible (their slots are rewritten or unwritten).
+    """
+    model = nnx.merge(graphdef, params)
+    slots = jnp.arange(st.size)[None]
+    serve = seg.serve
+    start = jnp.where(serve, start, st.max_len)  # unserved rows write scratch
+    length = jnp.where(serve, seg.length, 0)
+    keep = ~serve[:, None] | (slots < start[:, None]) | (slots >= st.max_len)
+    state = state.replace(written=state.written & keep)
+    text = model.embed(seg.tokens)
+    rows = jnp.arange(seg.tokens.shape[0])[:, None]
+    vis = visual.astype(text.dtype)[rows, jnp.maximum(visual_index, 0)]
+    embeds = jnp.where((visual_index >= 0)[..., None], vis, text)
+    return _write_segment(graphdef, params, model, state, seg, embeds, start, length,
+                          state.visible_until, st)
 
 
 def finish_rows(state: RolloutState, rows: jax.Array) -> RolloutState:
@@ -539,3 +576,9 @@ def compiled(st: Static, graphdef):
     ins = jax.jit(functools.partial(insert, graphdef, st=st), donate_argnums=(1,))
     fin = jax.jit(finish_rows, donate_argnums=(0,))
     return dec, ins, fin
+
+
+@functools.cache
+def compiled_reprefill(st: Static, graphdef):
+    """The jitted reprefill(params, state, seg, start, visual, visual_index) (state donated)."""
+    return jax.jit(functools.partial(reprefill, graphdef, st=st), donate_argnums=(1,))

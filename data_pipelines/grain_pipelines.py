@@ -552,6 +552,10 @@ def sft_dataset(
     if cfg.scan_traces:
         scan = scan_traces(traces, tokenizer, pcfg, layout, seq_len=cfg.seq_len,
                            max_frames=cfg.max_frames)
+        if scan.total and len(scan.too_long) + len(scan.invalid) == scan.total:
+            # fail before the model compiles: a run on these rows would learn nothing
+            raise ValueError(f"sft data: every trace would be rejected: {scan.summary()}; "
+                             "raise data.seq_len / data.max_frames or match the protocol")
         if scan.too_long or scan.invalid:
             log.warning("sft data: %s (kept as failed rows)", scan.summary())
     _, count = process_shard(cfg, process_index, process_count)

@@ -21,8 +21,10 @@ What it does (every number printed is measured by this run; nothing is hard-code
 5. evaluates on the held-out pairs after each stage and for the baseline (greedy rollouts,
    `eval.runner.run_model_eval`, accuracies from `eval.metrics` with their tie convention), and
    the final model with its tool disabled (every call answered "Tool use is disabled");
-6. prints the results table and writes `results.json`, TensorBoard logs and an HTML trace
-   report of a few held-out judgments under --out.
+6. prints the results table and writes `results.json`, TensorBoard logs, an HTML trace
+   report of a few held-out judgments and the final model as a reward-model export
+   (`<out>/export`, what `python -m vrthinker_jax.score` and `vrthinker_jax.eval --checkpoint`
+   read) under --out.
 """
 
 from __future__ import annotations
@@ -436,6 +438,7 @@ def run(demo, out_dir: str) -> dict:
     from experiments.configs import grpo as grpo_cfgs
     from experiments.configs import rft as rft_cfgs
     from experiments.configs import sft as sft_cfgs
+    from vrthinker_jax.checkpoints import export as export_lib
     from vrthinker_jax.eval import html_report
     from vrthinker_jax.rollout import chat, protocol
     from vrthinker_jax.rollout.sampler import sampling_config
@@ -674,7 +677,15 @@ def run(demo, out_dir: str) -> dict:
                       **evaluator.run("final_tool_disabled", final_params, pcfg,
                                       tools_enabled=False)})
 
-    # ---- 8. results
+    # ---- 8. the final model as a reward-model export (score / eval --checkpoint read it)
+    with timer("export"):
+        export_dir = export_lib.export_reward_model(
+            os.path.join(out_dir, "export"), model=rt.model(final_params), tokenizer_path=tok_path,
+            protocol_cfg=proto, sampling_cfg=sampling_config(temperature=0.0, **sampling),
+            frame_size=tuple(demo.frame_size),
+            info={"source": "experiments.demo", "demo_preset": demo.preset, "stage": final_name})
+
+    # ---- 9. results
     results["table"] = table
     if final is not None:
         fo, bo = final["acc"]["OA"], base["acc"]["OA"]
@@ -705,6 +716,7 @@ def run(demo, out_dir: str) -> dict:
         "tensorboard": os.path.abspath(os.path.join(out_dir, "tb")),
         "html_report": os.path.abspath(html_path),
         "predictions": os.path.abspath(os.path.join(out_dir, "eval")),
+        "export": export_dir,
     }
     timer.wall["total"] = time.perf_counter() - t_start
     results["time_wall_s"] = {k: round(v, 1) for k, v in timer.wall.items()}
@@ -786,6 +798,7 @@ def main(argv=None) -> int:
     print(f"results JSON: {paths['results_json']}")
     print(f"TensorBoard:  tensorboard --logdir {paths['tensorboard']}")
     print(f"HTML traces:  {paths['html_report']}")
+    print(f"export:       {paths['export']} (python -m vrthinker_jax.score --checkpoint ...)")
     return 0
 
 

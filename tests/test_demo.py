@@ -383,3 +383,53 @@ def test_rehearsal_mix_puts_every_call_row_among_the_traces():
                                                                                        pcfg)
     with pytest.raises(ValueError, match="leave no room for traces"):
         demo_pretraining.rehearsal_mix(traces, ["A", "B"], calls, ["cA", "cB"], 2, seed=0)
+
+
+def _run(*argv, timeout=600):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_quick_demo_export_works_with_score_eval_and_train(quick_run, tmp_path):
+    """The quick run leaves a reward-model export that `score` and `eval` take, and the
+    README's `train.py` command (at size `demo`) trains on the run's data and tokenizer."""
+    out, results, stdout = quick_run
+    export = results["paths"]["export"]
+    assert export == os.path.join(os.path.abspath(out), "export") and f"export:       {export}" \
+        in stdout
+    data = os.path.join(out, "data")
+    pair = _jsonl(os.path.join(data, "heldout.jsonl"))[0]
+    p = _run("-m", "vrthinker_jax.score", "--checkpoint", export, "--prompt", pair["prompt"],
+             "--video-a", os.path.join(data, pair["video_a"]),
+             "--video-b", os.path.join(data, pair["video_b"]))
+    assert p.returncode == 0 and "Judgment:" in p.stdout, p.stderr[-2000:]
+    p = _run("-m", "vrthinker_jax.eval", "--benchmark", "video_pairs", "--data-dir", data,
+             "--split", "heldout", "--subset", "2", "--checkpoint", export, "--out",
+             str(tmp_path / "eval"), "--quiet")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.load(open(tmp_path / "eval" / "metrics.json"))["counts"]["rows"] >= 2
+    p = _run("experiments/train.py", "--config", "experiments/configs/sft.py:demo", "--workdir",
+             str(tmp_path / "w"), f"--config.train_data={data}/cot_train.jsonl",
+             f"--config.tokenizer={out}/tokenizer", "--config.optimizer.lr=1e-3",
+             "--config.steps=1", "--config.data.batch_size=2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["steps_run"] == 1
+    assert os.path.isfile(tmp_path / "w" / "export" / "reward_model.json")
+
+
+def test_the_demo_size_of_the_stage_configs_is_the_demos_model_and_protocol():
+    from experiments.configs import demo as demo_configs
+    from experiments.configs import grpo as grpo_config
+    from experiments.configs import sft as sft_config
+
+    demo = demo_configs.get_config("default")
+    for lib in (sft_config, grpo_config):
+        cfg = lib.get_config("demo")
+        assert cfg.model.to_dict() == demo.model.to_dict()
+        assert {k: cfg.protocol[k] for k in demo.protocol} == demo.protocol.to_dict()
+        assert tuple(cfg.data.frame_size) == tuple(demo.frame_size)
+        assert cfg.data.max_frames == demo.max_frames
+        assert cfg.optimizer.lr == lib.get_config("tiny").optimizer.lr  # a CPU size
+    assert grpo_config.get_config("demo").sampling.max_len == 2304

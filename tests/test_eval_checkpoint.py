@@ -136,6 +136,13 @@ def test_eval_checkpoint_end_to_end(export_dir, pairs_dir, tmp_path, capsys):
         assert r["meta"]["initial_frames"] == protocol.initial_frames(tiny_protocol())
         assert r["label"] == {"p0": {"TA": 1, "MQ": 2, "VQ": 0, "OA": 1},
                               "p1": {"TA": 2, "MQ": 2, "VQ": 2, "OA": 2}}[i]
+    # every row and the run manifest name the export by its content hash
+    model_id = export.content_hash(export_dir)
+    assert model_id.startswith("sha256:") and len(model_id) == 7 + 64
+    assert {r["meta"]["run"]["model_id"] for r in rows} == {model_id}
+    manifest = json.load(open(os.path.join(out, preds_lib.MANIFEST_FILE)))
+    assert manifest["model"] == {"checkpoint": export_dir, "id": model_id}
+    assert manifest["data"]["dir"] == os.path.abspath(pairs_dir)
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["counts"]["failed"] == 1
     assert m["counts"]["run"]["evaluated_now"] == 3
@@ -171,6 +178,23 @@ def test_eval_checkpoint_errors(export_dir, pairs_dir, tmp_path, capsys):
         assert len(err) == 1 and msg in err[0], err
     mesh, batch = cli._mesh_and_batch(None, "data=2,fsdp=4")  # batch spans data x fsdp
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1} and batch == 8
+
+
+def test_content_hash_follows_the_model_not_the_path(export_dir, tmp_path):
+    """A copy hashes equal; other weights, or another protocol, do not."""
+    import shutil
+
+    copy = shutil.copytree(export_dir, str(tmp_path / "copy"))
+    assert export.content_hash(copy) == export.content_hash(export_dir)
+    other = make_export(str(tmp_path / "other"), seed=1)
+    assert export.content_hash(other) != export.content_hash(export_dir)
+    m = export.read_manifest(copy)
+    m["protocol"]["max_turns"] = 3
+    with open(os.path.join(copy, export.EXPORT_FILE), "w") as f:
+        json.dump(m, f)
+    assert export.content_hash(copy) != export.content_hash(export_dir)
+    with pytest.raises(export.ExportError, match="not a reward-model export"):
+        export.content_hash(str(tmp_path))
 
 
 def test_export_of_an_existing_checkpoint_and_overwrite(export_dir, tmp_path, capsys):

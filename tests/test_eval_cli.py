@@ -311,6 +311,7 @@ def test_checkpoint_path_end_to_end_with_a_fake_engine(tmp_path, monkeypatch, ca
         return np.full((4, 4, 4, 3), 7, np.uint8)
 
     monkeypatch.setattr(cli, "load_engine", lambda args: (rollout, load_bank, 2, [1, 3]))
+    monkeypatch.setattr(cli, "model_identity", lambda path: "sha256:fake")
     out = tmp_path / "out"
     argv = ["--benchmark", "video_pairs", "--checkpoint", str(tmp_path), "--data-dir",
             str(data), "--out", str(out), "--quiet"]
@@ -340,3 +341,163 @@ def test_checkpoint_path_end_to_end_with_a_fake_engine(tmp_path, monkeypatch, ca
     assert main(argv[:-3] + ["--out", str(out3), "--subset", "2", "--quiet"]) == 0
     ids = (out3 / "subset_ids.txt").read_text().split()
     assert len(ids) == 2 and sorted(int(i[1]) % 2 for i in ids) == [0, 1]
+
+
+# --------------------------------------------------------------------------- what made a run
+
+
+def _release(directory, labels_oa=(1, 2, 1, 2), corrupt=(), fmt="jsonl"):
+    """A video_pairs release of len(labels_oa) pairs; pairs in `corrupt` have a bad video b."""
+    os.makedirs(directory, exist_ok=True)
+    rows = []
+    for i, y in enumerate(labels_oa):
+        for side in "ab":
+            bad = side == "b" and i in corrupt
+            with open(os.path.join(directory, f"{side}{i}.mp4"), "wb") as f:
+                f.write(b"corrupt" if bad else b"ok")
+        rows.append({"id": f"p{i}", "prompt": f"prompt {i}", "video_a": f"a{i}.mp4",
+                     "video_b": f"b{i}.mp4", "TA": -1, "MQ": -1, "VQ": -1, "OA": y})
+    if fmt == "jsonl":
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    else:
+        cols = list(rows[0])
+        text = ",".join(cols) + "\n" + "".join(",".join(str(r[c]) for c in cols) + "\n"
+                                                for r in rows)
+    with open(os.path.join(directory, f"test.{fmt}"), "w") as f:
+        f.write(text)
+    return str(directory)
+
+
+@pytest.fixture()
+def fake_model(monkeypatch):
+    """The eval CLI with a fake engine: a model's id is its --checkpoint's base name, every
+    answer is OA 1; `state["interrupt_at"] = k` raises KeyboardInterrupt at the k-th batch."""
+    import vrthinker_jax.eval.__main__ as cli
+
+    state = {"calls": 0, "interrupt_at": None}
+
+    class Traj:
+        assistant_turns = ["<final answer>OA: 1</final answer>"]
+        tool_frames: list = []
+        judgments = {"TA": 1, "MQ": 1, "VQ": 1, "OA": 1}
+        stop = "answer"
+
+    def rollout(prompts, banks, step):
+        state["calls"] += 1
+        if state["calls"] == state["interrupt_at"]:
+            raise KeyboardInterrupt
+        return [Traj() for _ in prompts]
+
+    def load_bank(ex):
+        for key in ("video_a", "video_b"):
+            if open(ex[key], "rb").read() == b"corrupt":
+                raise ValueError(f"{ex[key]}: cannot decode video")
+        return np.zeros((4, 4, 4, 3), np.uint8)
+
+    monkeypatch.setattr(cli, "load_engine", lambda args: (rollout, load_bank, 2, [1]))
+    monkeypatch.setattr(cli, "model_identity",
+                        lambda path: "sha256:" + os.path.basename(os.path.abspath(path)))
+    return state
+
+
+def _model_eval(ckpt, data, out, *extra):
+    return main(["--benchmark", "video_pairs", "--checkpoint", str(ckpt), "--data-dir",
+                 str(data), "--out", str(out), "--quiet", *extra])
+
+
+def _rows(out):
+    return P.read_predictions(str(out / "predictions.jsonl")).rows
+
+
+def _labels(out):
+    return {r["id"]: r["label"]["OA"] for r in _rows(out)}
+
+
+def test_a_changed_data_dir_is_built_afresh_and_retry_uses_its_paths(fake_model, tmp_path):
+    """Issue 19, repro 1: the TFDS build is keyed by the release directory and its content."""
+    (tmp_path / "A").mkdir()
+    d1 = _release(tmp_path / "d1")
+    out = tmp_path / "out"
+    assert _model_eval(tmp_path / "A", d1, out) == 0
+    assert _labels(out) == {"p0": 1, "p1": 2, "p2": 1, "p3": 2}
+    os.remove(out / "predictions.jsonl")
+    d2 = _release(tmp_path / "d2", labels_oa=(2, 2, 1, 2))  # p0's label changed
+    assert _model_eval(tmp_path / "A", d2, out) == 0
+    rows = _rows(out)
+    assert _labels(out) == {"p0": 2, "p1": 2, "p2": 1, "p3": 2}
+    assert all(r["meta"]["row"].startswith(os.path.join(d2, "test.jsonl")) for r in rows)
+    # a broken video, fixed in a copy of the release: --retry-failed reads the copy's files
+    out2 = tmp_path / "out2"
+    d3 = _release(tmp_path / "d3", corrupt=(1,))
+    assert _model_eval(tmp_path / "A", d3, out2) == 0
+    assert [r["id"] for r in _rows(out2) if r["error"]] == ["p1"]
+    d4 = _release(tmp_path / "d4")
+    assert _model_eval(tmp_path / "A", d4, out2, "--retry-failed") == 0
+    last = {r["id"]: r for r in _rows(out2)}["p1"]  # the retried row (the last one wins)
+    assert last["error"] is None and last["meta"]["row"].startswith(d4)
+    manifest = json.loads((out2 / P.MANIFEST_FILE).read_text())
+    assert manifest["data"]["dir"] == d4
+
+
+def test_a_resume_with_another_model_or_setting_refuses(fake_model, tmp_path, capsys):
+    """Issue 19, repro 2: Ctrl-C, then the same --out with model B and --temperature 0.7."""
+    for name in "AB":
+        (tmp_path / name).mkdir()
+    data = _release(tmp_path / "d", labels_oa=(1, 2, 1, 2, 1, 2))
+    out = tmp_path / "out"
+    fake_model["interrupt_at"] = 2
+    assert _model_eval(tmp_path / "A", data, out) == 130
+    line = _err_line(capsys)
+    assert line == (f"eval: stopped, 2 rows written to {out / 'predictions.jsonl'} (2 by this "
+                    "run); re-run the same command to resume")
+    rows = _rows(out)
+    assert [r["meta"]["run"] for r in rows] == [{"model_id": "sha256:A", "temperature": 0.0,
+                                                 "tools_enabled": True,
+                                                 "sampling_seed": None}] * 2
+    assert _model_eval(tmp_path / "B", data, out, "--temperature", "0.7") == 2
+    line = _err_line(capsys)
+    assert line.startswith(f"eval: error: --out {out} holds predictions of another run: model "
+                           f"(--checkpoint content): the rows were made with {tmp_path / 'A'} "
+                           "(sha256:A), this run has ")
+    assert "--temperature: the rows were made with 0.0, this run has 0.7" in line
+    assert "--seed (sampling): the rows were made with None, this run has 0" in line
+    assert line.endswith("pass --overwrite to start over or choose another --out")
+    assert len(_rows(out)) == 2  # nothing was added
+    changed = _release(tmp_path / "d2", labels_oa=(2, 2, 1, 2, 1, 2))
+    assert _model_eval(tmp_path / "A", changed, out) == 2
+    assert "data (the release's annotation files): the rows were made with " in _err_line(capsys)
+    # the same model, data and settings resume; --overwrite starts over with B
+    fake_model["interrupt_at"] = None
+    assert _model_eval(tmp_path / "A", data, out) == 0
+    assert sorted(r["id"] for r in _rows(out)) == [f"p{i}" for i in range(6)]
+    assert _model_eval(tmp_path / "B", data, out, "--temperature", "0.7", "--overwrite") == 0
+    rows = _rows(out)
+    assert len(rows) == 6 and {r["meta"]["run"]["model_id"] for r in rows} == {"sha256:B"}
+    assert {r["meta"]["run"]["temperature"] for r in rows} == {0.7}
+    rc = json.loads((out / "metrics.json").read_text())["run_config"]
+    assert rc["model_id"] == "sha256:B" and rc["data_dir"] == data
+    # predictions without a manifest (an older version, a copied file) are not resumed blindly
+    os.remove(out / P.MANIFEST_FILE)
+    assert _model_eval(tmp_path / "B", data, out, "--temperature", "0.7") == 2
+    assert "predictions.jsonl has no run_manifest.json" in _err_line(capsys)
+
+
+def test_data_dir_problems_are_one_line(fake_model, tmp_path, capsys):
+    (tmp_path / "A").mkdir()
+    (tmp_path / "empty").mkdir()
+    assert _model_eval(tmp_path / "A", tmp_path / "empty", tmp_path / "o") == 2
+    assert _err_line(capsys) == (f"eval: error: --data-dir {tmp_path / 'empty'}: the directory "
+                                 "is empty (expected the video_pairs release: its annotation "
+                                 "files and videos)")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README").write_text("no annotations here")
+    assert _model_eval(tmp_path / "A", tmp_path / "notes", tmp_path / "o2") == 2
+    assert "video_pairs: no annotation files found in" in _err_line(capsys)
+    data = _release(tmp_path / "csv", fmt="csv")
+    csv_path = os.path.join(data, "test.csv")
+    lines = open(csv_path, "rb").read().split(b"\n")
+    lines[2] = lines[2].replace(b"prompt 1", b"caf\xe9 prompt")  # latin-1, not UTF-8
+    open(csv_path, "wb").write(b"\n".join(lines))
+    assert _model_eval(tmp_path / "A", data, tmp_path / "o3") == 2
+    assert _err_line(capsys).endswith(f"{csv_path}:3: not UTF-8 text (byte 0xe9); save the "
+                                      "file as UTF-8")

@@ -56,6 +56,11 @@ def test_score_prints_judgment_and_writes_reports(files, tmp_path, capsys):
     assert 1 <= row["turns"] <= 2 and row["error"] is None
     assert row["meta"]["video_a"] == os.path.abspath(files["a"])
     assert row["meta"]["initial_frames"] == [3, 7, 11, 15]
+    from vrthinker_jax.checkpoints import export
+
+    assert row["meta"]["run"] == {"model_id": export.content_hash(files["export"]),
+                                  "temperature": 0.0, "tools_enabled": True,
+                                  "sampling_seed": None}
     html = open(out_html, encoding="utf-8").read()
     n_frames = 4 + sum(len(f) for f in row["frames_selected"])
     assert html.count("data:image/png;base64,") == n_frames  # every frame the model saw
@@ -89,3 +94,24 @@ def test_module_entry_point_bad_video_exit_status(files):
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "bad.mp4" in p.stderr, p.stderr
+
+
+def test_a_prompt_longer_than_the_export_allows_is_one_line(files, capsys):
+    assert main(["--checkpoint", files["export"], "--prompt", "a" * 20000, "--video-a",
+                 files["a"], "--video-b", files["b"]]) == 2
+    line = _one_error_line(capsys)
+    assert "--prompt: 20000 characters make a prompt of " in line
+    assert "more than the largest prompt bucket of the export (192 tokens)" in line
+    assert f"sampling.prompt_buckets (and sampling.max_len) in {files['export']}" in line
+
+
+def test_module_entry_point_non_utf8_prompt(files):
+    """Bytes that are not UTF-8 on the command line (a latin-1 terminal): one line, status 2."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    argv = [sys.executable, "-m", "vrthinker_jax.score", "--checkpoint", files["export"],
+            "--prompt", b"caf\xe9 au lait", "--video-a", files["a"], "--video-b", files["b"]]
+    p = subprocess.run([os.fsencode(a) for a in argv], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr == ("score: error: --prompt: not valid UTF-8 text (byte 0xe9 at character "
+                        "3); pass the prompt as UTF-8\n")

@@ -349,3 +349,31 @@ def test_video_resolver(tmp_path):
     # a path with folders names its place: another model's same-named file is not it
     assert r.resolve("videos/m2/0001.mp4") is None
     assert r.resolve("") is None
+
+
+def test_non_utf8_annotations_name_file_and_line(tmp_path):
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    (pairs / "train.jsonl").write_bytes(b'{"id": "a", "prompt": "p", "video_a": "x", '
+                                        b'"video_b": "y"}\n{"id": "b", "prompt": "caf\xe9"}\n')
+    with pytest.raises(common.RowError, match=r"train.jsonl:2: not UTF-8 text \(byte 0xe9\)"):
+        tb.build("video_pairs", manual_dir=str(pairs), data_dir=str(tmp_path / "d"))
+
+
+def test_source_fingerprint_keys_the_build_by_directory_and_content(tmp_path):
+    d = tmp_path / "rel"
+    d.mkdir()
+    (d / "test.jsonl").write_text('{"id": "a"}\n')
+    (d / "a.mp4").write_bytes(b"v1")
+    fp = tb.source_fingerprint(str(d))
+    assert fp["dir"] == str(d) and tb.source_fingerprint(str(d)) == fp
+    (d / "a.mp4").write_bytes(b"v2-fixed")  # a fixed video: same annotations, another build
+    fixed = tb.source_fingerprint(str(d))
+    assert fixed["annotations"] == fp["annotations"] and fixed["files"] != fp["files"]
+    assert tb.cache_dir("T", fixed) != tb.cache_dir("T", fp)
+    (d / "test.jsonl").write_text('{"id": "b"}\n')  # a changed label / prompt / path
+    assert tb.source_fingerprint(str(d))["annotations"] != fp["annotations"]
+    import shutil
+
+    copy = tb.source_fingerprint(shutil.copytree(str(d), str(tmp_path / "copy")))
+    assert tb.cache_dir("T", copy) != tb.cache_dir("T", tb.source_fingerprint(str(d)))

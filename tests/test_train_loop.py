@@ -58,11 +58,19 @@ def test_resume_after_kill_continues_exactly(data, tmp_path):
 
     # killed after 3 steps: the last checkpoint is step 2, so step 2 is redone on resume
     rt, ds = fresh_run(cfg, traces, banks, init)
-    _, first = sft.run_sft(cfg, str(tmp_path / "cut"), ds, rt=rt, stop_after=3)
+    cut_log = runtime.TrainLogger(str(tmp_path / "cut" / "tb"))
+    _, first = sft.run_sft(cfg, str(tmp_path / "cut"), ds, rt=rt, stop_after=3, logger=cut_log)
+    cut_log.close()
     assert len(first) == 3
     assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["2"]
     rt, ds = fresh_run(cfg, traces, banks, init)
-    _, resumed = sft.run_sft(cfg, str(tmp_path / "cut"), ds, rt=rt)
+    cut_log = runtime.TrainLogger(str(tmp_path / "cut" / "tb"))
+    _, resumed = sft.run_sft(cfg, str(tmp_path / "cut"), ds, rt=rt, logger=cut_log)
+    cut_log.close()
+    # the redone step 2 is logged once, with the resumed run's numbers
+    cut_lines = [json.loads(x) for x in open(tmp_path / "cut" / "tb" / "metrics.jsonl")]
+    assert [x["step"] for x in cut_lines] == list(range(5))
+    assert [x["sft/loss"] for x in cut_lines] == [r["loss"] for r in first[:2] + resumed]
     assert [r["step"] for r in resumed] == [2, 3, 4]
     assert [r["loss"] for r in first] == [r["loss"] for r in full[:3]]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full[2:]]

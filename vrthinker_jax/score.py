@@ -9,8 +9,10 @@ protocol / sampling / frame size the model was trained with). Prints the judgmen
 with the frames each tool call returned. --json writes the prediction row (the eval CLI's
 predictions format); --html writes a self-contained report with the frames the model saw.
 
-Decoding is greedy unless --temperature > 0. A missing or undecodable video, or a directory that
-is not an export, prints one line `score: error: ...` to stderr and exits with status 2.
+Decoding is greedy unless --temperature > 0. A missing or undecodable video, a directory that
+is not an export, a prompt that is not UTF-8 text or that is longer than the export's largest
+prompt bucket (`sampling.prompt_buckets` in its reward_model.json) prints one line
+`score: error: ...` to stderr and exits with status 2.
 """
 
 from __future__ import annotations
@@ -66,6 +68,36 @@ def score_pair(rm, prompt: str, bank, *, tools_enabled: bool = True, temperature
     return row
 
 
+def check_prompt_text(prompt: str, flag: str = "--prompt") -> None:
+    """Raises CliError for text the tokenizer cannot take: bytes that are not UTF-8 reach
+    Python's argv as surrogate escapes (sentencepiece then fails with a RuntimeError)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(prompt[e.start]) & 0xFF  # surrogateescape maps byte b to U+DC00 + b
+        raise CliError(f"{flag}: not valid UTF-8 text (byte 0x{byte:02x} at character "
+                       f"{e.start}); pass the prompt as UTF-8") from None
+
+
+def check_prompt_fits(rm, prompt: str, flag: str = "--prompt") -> int:
+    """The prompt's token count (system turn, text, initial frames); CliError when it exceeds
+    the export's largest prompt bucket, naming the limit and the config that sets it."""
+    from vrthinker_jax.rollout import chat, frame_bank, protocol
+
+    tpf = frame_bank.PatchSpec.from_model_config(rm.model_cfg).tokens_per_frame(*rm.frame_size)
+    n = len(chat.tokenize_segments(rm.tokenizer, protocol.prompt_segments(prompt, rm.protocol),
+                                   tpf).ids)
+    limit = max(int(b) for b in rm.sampling.prompt_buckets)
+    if n > limit:
+        raise CliError(
+            f"{flag}: {len(prompt)} characters make a prompt of {n} tokens, more than the "
+            f"largest prompt bucket of the export ({limit} tokens): shorten the prompt, or "
+            f"raise sampling.prompt_buckets (and sampling.max_len) in "
+            f"{os.path.join(rm.directory, 'reward_model.json')} (`python -m "
+            "vrthinker_jax.checkpoints.export ... --sampling '{\"prompt_buckets\": [...]}'`)")
+    return n
+
+
 def format_judgment(row: dict, pcfg) -> str:
     """The judgments and the trace as printed text."""
     from vrthinker_jax.rollout import protocol
@@ -102,6 +134,7 @@ def _describe(frames, pcfg) -> str:
 
 
 def run(args) -> int:
+    check_prompt_text(args.prompt)
     for flag, path in (("--video-a", args.video_a), ("--video-b", args.video_b)):
         if not os.path.isfile(path):
             raise CliError(f"{flag} {path}: no such file")
@@ -130,9 +163,14 @@ def run(args) -> int:
         rm = export.load_reward_model(args.checkpoint)
     except (export.CheckpointError, ValueError, FileNotFoundError) as e:
         raise CliError(f"--checkpoint {e}") from None
+    check_prompt_fits(rm, args.prompt)
     meta = {"video_a": os.path.abspath(args.video_a), "video_b": os.path.abspath(args.video_b),
             "checkpoint": rm.directory, "temperature": args.temperature,
-            "tools_enabled": not args.no_tools}
+            "tools_enabled": not args.no_tools,
+            # what made the row, as `eval` records it in each of its rows
+            "run": {"model_id": export.content_hash(rm.directory),
+                    "temperature": float(args.temperature), "tools_enabled": not args.no_tools,
+                    "sampling_seed": args.seed if args.temperature > 0 else None}}
     row = score_pair(rm, args.prompt, bank, tools_enabled=not args.no_tools,
                      temperature=args.temperature, seed=args.seed, meta=meta)
     print(format_judgment(row, rm.protocol))
@@ -160,6 +198,9 @@ def main(argv=None) -> int:
     except OSError as e:  # an unwritable --json / --html and the like
         print(f"score: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("score: stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ or plainly `tfds.builder("mjbench_video", data_dir=..., file_format="array_recor
 
 from __future__ import annotations
 
+import json
+import os
+
 import tensorflow_datasets as tfds
 
 from data_pipelines.tfds_builders import (
@@ -70,9 +73,47 @@ def data_source(name: str, split: str, *, data_dir: str, config=None):
     return builder(name, data_dir=data_dir, config=config).as_data_source(split=split)
 
 
+def source_fingerprint(manual_dir: str) -> dict:
+    """What a release directory holds, for keying its built dataset and for run manifests:
+    {"dir": absolute path, "annotations": sha256 over every annotation file's (`common.
+    ROW_FORMATS`) relative path and bytes (labels, prompts, video references), "files": sha256
+    over every other file's relative path, size and mtime (videos: a stat, not a read)}."""
+    import hashlib
+
+    root = os.path.abspath(manual_dir)
+    rows, files = hashlib.sha256(), hashlib.sha256()
+    for d, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(d, name)
+            rel = os.path.relpath(path, root)
+            if os.path.splitext(name)[1].lower() in common.ROW_FORMATS:
+                rows.update(rel.encode() + b"\0")
+                with open(path, "rb") as f:
+                    while block := f.read(1 << 22):
+                        rows.update(block)
+                rows.update(b"\0")
+            else:
+                st = os.stat(path)
+                files.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return {"dir": root, "annotations": "sha256:" + rows.hexdigest(),
+            "files": "sha256:" + files.hexdigest()}
+
+
+def cache_dir(data_dir: str, fingerprint: dict) -> str:
+    """Where the dataset of a release with `fingerprint` is built under `data_dir`: one folder
+    per (directory, content), so a changed release or another directory never reads a stale
+    build (TFDS itself reuses any finished build in its data_dir)."""
+    import hashlib
+
+    key = json.dumps([fingerprint["dir"], fingerprint["annotations"], fingerprint["files"]])
+    return os.path.join(data_dir, "source-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
 def missing_report(b: tfds.core.DatasetBuilder) -> dict:
     """{split: {"examples", "missing_examples", "missing_files", "first_missing", "policy"}}."""
     return dict(b.info.metadata.get("missing_videos", {}))
 
 
-__all__ = ["BUILDERS", "build", "builder", "common", "data_source", "missing_report"]
+__all__ = ["BUILDERS", "build", "builder", "cache_dir", "common", "data_source", "missing_report",
+           "source_fingerprint"]

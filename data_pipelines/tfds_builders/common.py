@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import inspect
+import io
 import json
 import logging
 import os
@@ -55,8 +56,21 @@ def read_rows(path: str) -> Iterator[tuple[str, dict]]:
         raise ValueError(f"{path}: unsupported annotation format {ext!r}; expected {ROW_FORMATS}")
 
 
+def _utf8_text(path: str) -> str:
+    """The file's text; RowError naming the line of the first byte that is not UTF-8 (the csv
+    and json readers would only say "codec can't decode byte", with no file or line)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RowError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the "
+                       "file as UTF-8") from None
+
+
 def _read_jsonl(path: str):
-    with open(path, encoding="utf-8") as f:
+    with io.StringIO(_utf8_text(path)) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -71,8 +85,7 @@ def _read_jsonl(path: str):
 
 
 def _read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = _utf8_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -95,7 +108,7 @@ def _read_json(path: str):
 
 
 def _read_csv(path: str):
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(_utf8_text(path), newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
             raise RowError(f"{path}:1: empty CSV (no header row)")

@@ -14,7 +14,10 @@ from vrthinker_jax.models import config as model_config
 from vrthinker_jax.rollout.protocol import protocol_config
 from vrthinker_jax.train.steps import optimizer_config
 
-SIZES = ("tiny", "3b", "7b")
+SIZES = ("tiny", "3b", "7b", "demo")
+# sizes that run on CPU: "tiny", and "demo" = tiny with the demo's model, protocol and frame
+# size (`demo_base`), so `train.py` trains on a demo run's data and tokenizer as they are
+CPU_SIZES = ("tiny", "demo")
 
 
 def check_size(size: str) -> str:
@@ -45,8 +48,26 @@ def mesh_config(ici: dict, dcn: dict | None = None, devices=()) -> ml_collection
     return m
 
 
+def demo_base() -> ml_collections.ConfigDict:
+    """The tiny config with `experiments/configs/demo.py`'s model, protocol, frame size and
+    frame slots: the data (`<demo out>/data/cot_train.jsonl`, `train.jsonl`) and tokenizer
+    (`<demo out>/tokenizer`) of a demo run fit it without overrides."""
+    from experiments.configs import demo
+
+    d = demo.get_config("default")
+    c = base("tiny")
+    c.size = "demo"
+    c.model = d.model.copy_and_resolve_references()
+    c.protocol = protocol_config(**d.protocol.to_dict())
+    c.data.frame_size = tuple(d.frame_size)
+    c.data.max_frames = int(d.max_frames)
+    return c
+
+
 def base(size: str) -> ml_collections.ConfigDict:
     size = check_size(size)
+    if size == "demo":
+        return demo_base()
     c = ml_collections.ConfigDict()
     c.size = size
     c.seed = 0  # model init and training RNG

@@ -17,8 +17,8 @@ def get_config(size: str = "tiny"):
     c.train_data = ""  # video_pairs manifest (JSONL/CSV) of labelled training pairs
     c.rewards = rewards_config()
     c.grpo = ml_collections.ConfigDict(dict(
-        group_size=4 if size == "tiny" else 8,  # rollouts per prompt (G)
-        prompts_per_step=4 if size == "tiny" else 32,  # prompts per rollout batch
+        group_size=4 if size in common.CPU_SIZES else 8,  # rollouts per prompt (G)
+        prompts_per_step=4 if size in common.CPU_SIZES else 32,  # prompts per rollout batch
         inner_updates=1,  # optimizer updates per rollout batch (old log-probs stay fixed)
         clip_eps=0.2,  # lower clip of the ratio
         clip_eps_high=0.28,  # upper clip (DAPO-style clip-higher)
@@ -28,10 +28,10 @@ def get_config(size: str = "tiny"):
         drop_no_signal_groups=True,  # groups whose rewards are all equal carry no signal
         # rows per rollout-engine call (0 = all prompts_per_step x group_size at once): bounds
         # the KV cache on the rollout mesh
-        rollout_batch=0 if size == "tiny" else 64,
+        rollout_batch=0 if size in common.CPU_SIZES else 64,
     ))
     c.sampling = sampling_config(temperature=1.0)
-    if size == "tiny":
+    if size in common.CPU_SIZES:
         c.sampling.update(dict(max_len=2304, max_new_tokens=1024, max_turn_tokens=256,
                                prompt_buckets=(512, 1024)))
         # experiments/benchmarks/grpo_step_probe.py on a trained tiny policy: one Adam step at

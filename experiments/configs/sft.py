@@ -11,6 +11,6 @@ def get_config(size: str = "tiny"):
     c = common.base(size)
     c.stage = "sft"
     c.train_data = ""  # vrthinker_cot JSONL (video paths relative to the file)
-    if size != "tiny":
+    if size not in common.CPU_SIZES:
         c.optimizer.lr = 1e-5
     return c

@@ -17,10 +17,15 @@ the model was trained with). The benchmark is read through its TFDS builder, bat
 rolled out greedily (--temperature) over the data axis of a mesh of all devices with a progress
 bar, predictions are written incrementally to OUT/predictions.jsonl (a re-run resumes; a corrupt
 or missing video becomes a failed row with its reason), and the same reports follow, with the
-frames the model chose embedded in traces.html.
+frames the model chose embedded in traces.html. OUT/run_manifest.json records what made the rows:
+the export's content hash, the release directory and a hash of its annotation files, and the
+settings that change predictions (temperature, sampling seed, tools, split); every row's
+meta.run says the same. A re-run with another model, data or setting refuses in one line naming
+the difference (--overwrite starts over). The TFDS build is keyed by the release directory and
+its content, so a changed --data-dir is built afresh.
 
 Errors (missing file, malformed line, bad option) print one line `eval: error: ...` to stderr
-and exit with status 2.
+and exit with status 2; Ctrl-C prints how many rows are written and exits with status 130.
 """
 
 from __future__ import annotations
@@ -63,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--failed-as-wrong", action="store_true",
         help="count failed examples as wrong instead of leaving them out of the accuracies",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="(--checkpoint) start over: delete OUT's predictions of an earlier run first",
     )
     p.add_argument(
         "--retry-failed", action="store_true",
@@ -110,7 +119,8 @@ def _metrics_cfg(args):
     return cfg
 
 
-def _run_config(args, cfg) -> dict:
+def _run_config(args, cfg, manifest: dict | None = None) -> dict:
+    manifest = manifest or {}
     return {
         "benchmark": args.benchmark,
         "source": os.path.abspath(args.predictions or args.checkpoint),
@@ -125,6 +135,9 @@ def _run_config(args, cfg) -> dict:
         "tools_enabled": not getattr(args, "no_tools", False),
         "mesh": getattr(args, "mesh", "") if args.checkpoint else "",
         "batch_size": getattr(args, "batch_size", None) or -1,
+        "model_id": preds_lib._get(manifest, "model.id") or "",
+        "data_dir": preds_lib._get(manifest, "data.dir") or "",
+        "data_annotations": preds_lib._get(manifest, "data.annotations") or "",
     }
 
 
@@ -186,7 +199,11 @@ def rescore(args) -> int:
     skipped["truncated_line"] = int(read.truncated_last_line)
     m["counts"]["rows"] = len(read.rows)
     m["counts"]["unique_ids"] = len(read.rows) - duplicates
-    run_config = _run_config(args, cfg)
+    try:  # a predictions file written by `eval --checkpoint` says what made it
+        manifest = preds_lib.read_run_manifest(preds_lib.manifest_path(args.predictions))
+    except preds_lib.PredictionFormatError:
+        manifest = None
+    run_config = _run_config(args, cfg, manifest)
     report = report_lib.build_report(
         m, benchmark=args.benchmark, source=args.predictions, run_config=run_config
     )
@@ -278,25 +295,91 @@ def load_engine(args):
     return rollout, load_bank, batch_size, protocol.initial_frames(rm.protocol)
 
 
-def model_eval(args) -> int:
-    """--checkpoint: benchmark examples -> rollout engine -> predictions.jsonl -> reports."""
-    from vrthinker_jax.eval import runner
+def model_identity(checkpoint: str) -> str:
+    """The export's content hash (`export.content_hash`); CliError when it is not an export."""
+    from vrthinker_jax.checkpoints import export
 
+    try:
+        return export.content_hash(checkpoint)
+    except (export.CheckpointError, OSError) as e:
+        raise CliError(f"--checkpoint {e}") from None
+
+
+def run_manifest(args, model_id: str, fingerprint: dict) -> dict:
+    """What makes this run's rows what they are (see predictions.RESUME_KEYS)."""
+    return {
+        "benchmark": args.benchmark,
+        "model": {"checkpoint": os.path.abspath(args.checkpoint), "id": model_id},
+        "data": {**fingerprint, "split": args.split or "",
+                 "builder_config": args.builder_config or ""},
+        # the seed only draws samples when the temperature is above 0
+        "settings": {"temperature": float(args.temperature), "tools_enabled": not args.no_tools,
+                     "sampling_seed": args.seed if args.temperature > 0 else None},
+    }
+
+
+def claim_out_dir(args, predictions_path: str, manifest: dict) -> None:
+    """Writes OUT's run manifest, first refusing to add rows to predictions that another model,
+    data or setting made (--overwrite deletes them instead)."""
+    mpath = preds_lib.manifest_path(predictions_path)
+    has_rows = os.path.exists(predictions_path) and os.path.getsize(predictions_path) > 0
+    if args.overwrite:
+        for path in (predictions_path, mpath):
+            if os.path.exists(path):
+                os.remove(path)
+    elif has_rows:
+        try:
+            old = preds_lib.read_run_manifest(mpath)
+        except preds_lib.PredictionFormatError as e:
+            raise CliError(f"{e}; pass --overwrite to start over") from None
+        if old is None:
+            raise CliError(f"--out {args.out}: predictions.jsonl has no {preds_lib.MANIFEST_FILE} "
+                           "saying which model and data made its rows; pass --overwrite to "
+                           "start over or choose another --out")
+        diffs = preds_lib.manifest_differences(old, manifest)
+        if diffs:
+            raise CliError(f"--out {args.out} holds predictions of another run: "
+                           + "; ".join(diffs) + "; pass --overwrite to start over or choose "
+                           "another --out")
+    preds_lib.write_run_manifest(mpath, manifest)
+
+
+def _check_model_args(args) -> None:
     if not os.path.isdir(args.checkpoint):
         raise CliError(f"--checkpoint {args.checkpoint}: no such directory")
     if args.data_dir is None:
         raise CliError("--checkpoint needs --data-dir (the benchmark's release directory)")
     if not os.path.isdir(args.data_dir):
         raise CliError(f"--data-dir {args.data_dir}: no such directory")
+    if not os.listdir(args.data_dir):
+        raise CliError(f"--data-dir {args.data_dir}: the directory is empty (expected the "
+                       f"{args.benchmark} release: its annotation files and videos)")
     if args.subset is not None and args.subset < 0:
         raise CliError(f"--subset must be >= 0, got {args.subset}")
+
+
+def model_eval(args) -> int:
+    """--checkpoint: benchmark examples -> rollout engine -> predictions.jsonl -> reports."""
+    from data_pipelines import tfds_builders
+    from vrthinker_jax.eval import runner
+
+    _check_model_args(args)
     cfg = _metrics_cfg(args)
+    predictions_path = os.path.join(args.out, "predictions.jsonl")
+    # identities first: a refused resume costs no model load
+    fingerprint = tfds_builders.source_fingerprint(args.data_dir)
+    manifest = run_manifest(args, model_identity(args.checkpoint), fingerprint)
+    claim_out_dir(args, predictions_path, manifest)
     rollout, load_bank, batch_size, initial_frames = load_engine(args)
     tfds_dir = args.tfds_dir or os.path.join(args.out, "tfds")
+    if args.quiet:
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()  # TFDS's build bars on stderr
     try:
         examples = runner.benchmark_examples(
             args.benchmark, args.data_dir, tfds_dir=tfds_dir, split=args.split,
-            config=args.builder_config,
+            config=args.builder_config, fingerprint=fingerprint,
         )
     except (ValueError, OSError) as e:
         raise CliError(f"--data-dir {args.data_dir}: {e}") from None
@@ -312,16 +395,22 @@ def model_eval(args) -> int:
         rollout, load_bank, batch_size=batch_size, benchmark=args.benchmark,
         initial_frames=initial_frames,
     )
-    run_config = _run_config(args, cfg)
-    predictions_path = os.path.join(args.out, "predictions.jsonl")
+    run_config = _run_config(args, cfg, manifest)
+    row_meta = {"run": {"model_id": manifest["model"]["id"], **manifest["settings"]}}
+    before = _rows_in(predictions_path)
     try:
         report = runner.run_model_eval(
             examples, predict_batch, predictions_path=predictions_path,
             benchmark=args.benchmark, batch_size=batch_size, metrics_cfg=cfg,
             progress=not args.quiet, run_config=run_config, retry_failed=args.retry_failed,
+            row_meta=row_meta,
         )
     except preds_lib.PredictionFormatError as e:  # an unreadable file from an earlier run
         raise CliError(str(e)) from None
+    except KeyboardInterrupt:
+        n = _rows_in(predictions_path)
+        raise Stopped(f"stopped, {n} rows written to {predictions_path} ({n - before} by this "
+                      "run); re-run the same command to resume") from None
     by_id = {ex["id"]: ex for ex in examples}
     rows, _ = metrics_lib.dedupe_rows(
         r for r in preds_lib.read_predictions(predictions_path).rows if r["id"] in by_id
@@ -335,6 +424,17 @@ def model_eval(args) -> int:
     return 0
 
 
+class Stopped(Exception):
+    """Ctrl-C: the message says what is kept (exit status 130, no traceback)."""
+
+
+def _rows_in(path: str) -> int:
+    try:
+        return len(preds_lib.read_predictions(path).rows)
+    except (FileNotFoundError, preds_lib.PredictionFormatError):
+        return 0
+
+
 def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -342,8 +442,15 @@ def main(argv=None) -> int:
             return rescore(args)
         return model_eval(args)
     except CliError as e:
-        print(f"eval: error: {e}", file=sys.stderr)
+        print("eval: error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line
         return 2
+    except Stopped as e:
+        print(f"eval: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before any row was written (loading, building the dataset)
+        print("eval: stopped before this run wrote a prediction; re-run the same command to "
+              "resume", file=sys.stderr)
+        return 130
     except OSError as e:  # unwritable --out and the like
         print(f"eval: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2

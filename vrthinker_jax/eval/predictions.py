@@ -192,6 +192,77 @@ def done_ids(path: str, *, include_failed: bool = True) -> set[str]:
     return {r["id"] for r in rows if include_failed or not r.get("error")}
 
 
+# --------------------------------------------------------------------------- run manifest
+
+MANIFEST_FILE = "run_manifest.json"
+MANIFEST_FORMAT = 1
+# (dotted key, what a user calls it): the manifest fields a resumed run must share, because
+# each changes the predictions; the data directory's path and its videos' stat may change
+# (a copy of the release with a fixed video, then --retry-failed)
+RESUME_KEYS = (
+    ("benchmark", "--benchmark"),
+    ("model.id", "model (--checkpoint content)"),
+    ("data.annotations", "data (the release's annotation files)"),
+    ("data.split", "--split"),
+    ("data.builder_config", "--builder-config"),
+    ("settings.temperature", "--temperature"),
+    ("settings.sampling_seed", "--seed (sampling)"),
+    ("settings.tools_enabled", "tools (--no-tools)"),
+)
+
+
+def manifest_path(predictions_path: str) -> str:
+    """The run manifest beside a predictions file: what made its rows (`eval --checkpoint`)."""
+    return os.path.join(os.path.dirname(os.path.abspath(predictions_path)), MANIFEST_FILE)
+
+
+def read_run_manifest(path: str) -> dict | None:
+    """The manifest at `path`, None when there is none; PredictionFormatError when unreadable."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PredictionFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise PredictionFormatError(f"{path}: expected a run manifest of format "
+                                    f"{MANIFEST_FORMAT}")
+    return manifest
+
+
+def write_run_manifest(path: str, manifest: dict) -> None:
+    """Writes atomically (a kill mid-write leaves the old manifest, never half a file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"format": MANIFEST_FORMAT, **manifest}, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def manifest_differences(old: dict, new: dict) -> list[str]:
+    """What differs between the run that wrote the rows (`old`) and this one, one phrase per
+    RESUME_KEYS field, naming both values."""
+    out = []
+    for key, name in RESUME_KEYS:
+        a, b = _get(old, key), _get(new, key)
+        if a != b:
+            if key == "model.id":
+                a = f"{_get(old, 'model.checkpoint')} ({a})"
+                b = f"{_get(new, 'model.checkpoint')} ({b})"
+            elif key == "data.annotations":
+                a, b = _get(old, "data.dir"), _get(new, "data.dir")
+                a, b = f"{a} ({_get(old, key)})", f"{b} ({_get(new, key)})"
+            out.append(f"{name}: the rows were made with {a!s}, this run has {b!s}")
+    return out
+
+
 def _drop_partial_tail(path: str) -> bool:
     """Truncates the file after its last newline (a partial row from a killed run)."""
     if not os.path.exists(path):

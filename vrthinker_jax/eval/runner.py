@@ -107,6 +107,7 @@ def run_model_eval(
     retry_failed: bool = False,
     progress: bool = True,
     run_config: dict | None = None,
+    row_meta: dict | None = None,
 ) -> dict:
     """Predicts every example not yet in `predictions_path`, then scores this run's examples.
 
@@ -115,6 +116,8 @@ def run_model_eval(
     predict_batch: list of <= batch_size examples -> one row (or partial row: pred, trace,
       frames_selected, scores, error, meta) per example, in order.
     retry_failed: re-run ids whose earlier row has an error (the new row wins when scoring).
+    row_meta: added to every written row's meta (failed ones too), e.g. the model's id and the
+      sampling settings, so each row says what made it.
     Returns the report (report.build_report) with counts["run"] describing this call.
     """
     if batch_size < 1:
@@ -138,6 +141,7 @@ def run_model_eval(
             if todo:
                 rows += _predict_isolating(todo, predict_batch, benchmark)
             for r in rows:
+                r["meta"].update(row_meta or {})
                 writer.write(r)
                 stats.evaluated_now += 1
                 stats.failed_now += bool(r["error"])
@@ -248,10 +252,13 @@ SPLIT_PREFERENCE = ("test", "test_v1", "validation", "val", "dev", "train")
 
 
 def benchmark_examples(
-    benchmark: str, manual_dir: str, *, tfds_dir: str, split: str | None = None, config=None
+    benchmark: str, manual_dir: str, *, tfds_dir: str, split: str | None = None, config=None,
+    fingerprint: dict | None = None,
 ) -> list[dict]:
-    """Examples of a benchmark release directory, via its TFDS builder (built into `tfds_dir`
-    on first use, then reused).
+    """Examples of a benchmark release directory, via its TFDS builder (built on first use
+    into a folder of `tfds_dir` keyed by the directory and its content,
+    `tfds_builders.cache_dir`, then reused; a changed release is built afresh). `fingerprint`:
+    `tfds_builders.source_fingerprint(manual_dir)` when the caller has it.
 
     Each example is `data_pipelines.schema.decode`'s record (id, prompt, video_a, video_b,
     labels, meta, ...). An example whose video files the builder could not find
@@ -260,8 +267,9 @@ def benchmark_examples(
     """
     from data_pipelines import schema, tfds_builders
 
-    builder = tfds_builders.build(benchmark, manual_dir=manual_dir, data_dir=tfds_dir,
-                                  config=config)
+    fingerprint = fingerprint or tfds_builders.source_fingerprint(manual_dir)
+    builder = tfds_builders.build(benchmark, manual_dir=manual_dir, config=config,
+                                  data_dir=tfds_builders.cache_dir(tfds_dir, fingerprint))
     splits = list(builder.info.splits.keys())
     if split is None:
         split = next((s for s in SPLIT_PREFERENCE if s in splits), None)

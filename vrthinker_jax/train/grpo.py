@@ -174,6 +174,7 @@ def run_grpo(
     Returns:
       (rt with the trained params, one record per step run).
     """
+    runtime.check_run_counts(cfg, tag)
     g = cfg.grpo
     rows = int(g.prompts_per_step) * int(g.group_size)
     per_call = int(g.get("rollout_batch", 0) or rows)
@@ -200,6 +201,8 @@ def run_grpo(
         state, meta = restored
         it.set_state(meta["data"])
     engine = make_engine(cfg, rt, tokenizer, params=state.params)
+    if logger is not None and int(state.step):
+        logger.rewind(tag, int(state.step) // micro_per_step)  # steps redone after the restore
     temperature = float(cfg.sampling.temperature) or 1.0
     ref_spec = rt.spec.replace(mesh=rt.role_mesh("reference"))
     ref_fn = jax.jit(lambda p, b: steps.sequence_logprobs(

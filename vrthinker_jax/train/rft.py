@@ -119,6 +119,7 @@ def run_rft(
 ) -> tuple[runtime.Runtime, dict]:
     """Samples, filters, writes `<workdir>/rft_traces.jsonl`, then SFTs on the accepted traces
     (checkpoints under `<workdir>/sft`). Returns (rt, stats incl. the SFT's final loss)."""
+    runtime.check_run_counts(cfg, "rft")
     per_batch = max(1, int(cfg.data.batch_size) // int(cfg.samples_per_prompt))
     records_by_id = {}
     if dataset is None:
@@ -141,6 +142,7 @@ def run_rft(
           f"(acceptance {100 * stats['acceptance_rate']:.1f}%); training on "
           f"{stats['accepted_traces']} traces")
     if logger is not None:
+        logger.rewind("rft", 0)  # a re-run samples again: one record of the sampling
         logger.scalars(0, {f"rft/{k}": v for k, v in stats.items()})
     if not traces:
         print("[rft] no trace was accepted: the SFT half of stage ii is skipped")

@@ -143,6 +143,24 @@ def setup(cfg: ml_collections.ConfigDict, tokenizer, *, model: nnx.Module | None
     )
 
 
+class NothingLearnedError(ValueError):
+    """A training run whose loss never had a token to learn from (every example rejected)."""
+
+
+def check_run_counts(cfg: ml_collections.ConfigDict, tag: str) -> None:
+    """Refuses nonsense counts before any work: a run of `steps <= 0` would write an untrained
+    export, and `log_every` / `ckpt_every` of 0 divide by zero mid-run."""
+    for key in ("steps", "ckpt_every", "log_every"):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"{tag}: config field {key}={value!r}: expected a positive integer")
+    batch = cfg.data.get("batch_size") if cfg.get("data") is not None else None
+    if batch is not None and (not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"{tag}: config field data.batch_size={batch!r}: expected a positive "
+                         "integer")
+
+
 # --------------------------------------------------------------------------- params export
 
 
@@ -179,6 +197,32 @@ class TrainLogger:
         self.logdir = logdir
         self._writer = EventFileWriter(logdir)
         self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")  # noqa: SIM115
+
+    def rewind(self, tag: str, step: int) -> None:
+        """Drops `tag`'s metrics.jsonl lines of steps >= `step`: a resumed run redoes the steps
+        after its last checkpoint, and each step must be logged once. Other tags' lines (one
+        logger may serve several stages) are kept."""
+        path = os.path.join(self.logdir, "metrics.jsonl")
+        self._jsonl.close()
+        with open(path) as f:
+            lines = f.readlines()
+        prefix = f"{tag}/"
+
+        def replayed(line: str) -> bool:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut by a kill mid-write
+                return True
+            keys = [k for k in rec if k != "step"]
+            return (rec.get("step", -1) >= step and bool(keys)
+                    and all(k.startswith(prefix) for k in keys))
+
+        kept = [ln for ln in lines if ln.strip() and not replayed(ln)]
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(ln if ln.endswith("\n") else ln + "\n" for ln in kept)
+        os.replace(tmp, path)
+        self._jsonl = open(path, "a")  # noqa: SIM115
 
     def _emit(self, step: int, value) -> None:
         from tensorboard.compat.proto import event_pb2, summary_pb2

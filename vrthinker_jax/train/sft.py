@@ -114,6 +114,44 @@ def caption_dataset(cfg, captions: list[dict], banks: list[np.ndarray], tokenize
     return frame_text_dataset(cfg, items, item_banks, tokenizer, rt)
 
 
+class _RowTally:
+    """Rows that failed to build and target tokens trained, over the whole run (resumes
+    included: both are saved with each checkpoint), to refuse a run that learned nothing."""
+
+    def __init__(self, tag: str, meta: dict | None = None):
+        self.tag = tag
+        self.failed_total = int((meta or {}).get("failed_total", 0))
+        # None: a checkpoint written before the count existed (cannot be checked)
+        self.tokens_total = 0 if meta is None else meta.get("target_tokens_total")
+        self.first_errors: list[str] = []
+
+    def batch(self, host: dict, first: bool) -> int:
+        """Counts a host batch's failed rows (returned); warns when the first is all failed."""
+        failed = int(np.sum(host.get("failed", 0)))
+        self.failed_total += failed
+        errors = [e for e in host.get("error", []) if e]
+        self.first_errors += errors[: max(0, 2 - len(self.first_errors))]
+        if failed == len(host["tokens"]) and first:
+            print(f"[{self.tag}] warning: every row of the first batch failed to build: "
+                  f"{errors[:2]}")
+        return failed
+
+    def step(self, metrics: dict) -> None:
+        if self.tokens_total is not None:
+            self.tokens_total += int(metrics.get("target_tokens", 0))
+
+    def nothing_learned(self, steps_done: int) -> runtime.NothingLearnedError | None:
+        if self.tokens_total != 0:
+            return None
+        return runtime.NothingLearnedError(
+            f"{self.tag}: {steps_done} steps without one target token: every row was rejected "
+            f"({self.failed_total} failed to build; first errors: "
+            f"{self.first_errors or 'none'}); nothing was learned")
+
+    def meta(self) -> dict:
+        return {"failed_total": self.failed_total, "target_tokens_total": self.tokens_total}
+
+
 def run_sft(
     cfg, workdir: str, dataset: grain.MapDataset, *, rt: runtime.Runtime, logger=None,
     stop_after: int | None = None, tag: str = "sft",
@@ -129,7 +167,13 @@ def run_sft(
         kill (resume tests).
     Returns:
       (rt, one metrics dict per step run by this call).
+    Raises:
+      ValueError: for a step count or logging interval below 1.
+      runtime.NothingLearnedError: when the run reaches `cfg.steps` without one target token
+        (every row rejected: too long, unrenderable, undecodable), before the final save, so
+        a re-run cannot skip the check and export the untrained weights.
     """
+    runtime.check_run_counts(cfg, tag)
     tx = steps.make_optimizer(cfg.optimizer)
     state = steps.place_state(steps.init_train_state(rt.params, tx, int(cfg.seed)), rt.mesh)
     it = dataset.to_iter_dataset()
@@ -138,13 +182,15 @@ def run_sft(
     it = iter(it)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       save_every=cfg.ckpt_every, keep=cfg.keep_checkpoints)
-    failed_total = 0
+    tally = _RowTally(tag)
     restored = ckpt.restore(state)
     if restored is not None:
         state, meta = restored
         it.set_state(meta["data"])
-        failed_total = int(meta.get("failed_total", 0))
+        tally = _RowTally(tag, meta)
     start = int(state.step)
+    if logger is not None and start:
+        logger.rewind(tag, start)  # the steps after the checkpoint are redone: log them once
     history: list[dict] = []
     fn = None
     bar = tqdm(total=cfg.steps, initial=start, desc=tag, dynamic_ncols=True,
@@ -152,11 +198,7 @@ def run_sft(
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         host = next(it)
-        failed = int(np.sum(host.get("failed", 0)))
-        failed_total += failed
-        if failed == len(host["tokens"]) and not history:
-            errors = [e for e in host.get("error", []) if e][:2]
-            print(f"[{tag}] warning: every row of the first batch failed to build: {errors}")
+        failed = tally.batch(host, first=not history)
         batch = steps.put_batch(host, rt.mesh)
         if fn is None:
             fn = steps.step_fn("sft", graphdef=rt.graphdef, spec=rt.spec,
@@ -165,9 +207,10 @@ def run_sft(
         lr = steps.lr_at(cfg.optimizer, int(state.step) - int(state.nonfinite))
         state, m = fn(state, batch)
         m = {k: float(v) for k, v in jax.device_get(m).items()}
+        tally.step(m)
         dt = time.perf_counter() - t0
         record = {"step": step, **m, "lr": lr, "failed_rows": failed,
-                  "failed_rows_total": failed_total, "step_time_s": dt}
+                  "failed_rows_total": tally.failed_total, "step_time_s": dt}
         history.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.4f}", skipped=int(m["nonfinite_total"]))
@@ -176,11 +219,15 @@ def run_sft(
         done = step + 1
         if stop_after is not None and done - start >= stop_after:
             break  # simulated kill: nothing more is written
+        error = tally.nothing_learned(done) if done == cfg.steps else None
+        if error is not None:  # before the final save, so a re-run checks again
+            ckpt.close()
+            raise error
         if ckpt.should_save(done) or done == cfg.steps:
-            ckpt.save(done, state, {"data": it.get_state(), "failed_total": failed_total})
+            ckpt.save(done, state, {"data": it.get_state(), **tally.meta()})
     bar.close()
     ckpt.close()
     rt.params = state.params
-    if failed_total:
-        print(f"[{tag}] {failed_total} rows failed to build (see {tag}/failed_rows_total)")
+    if tally.failed_total:
+        print(f"[{tag}] {tally.failed_total} rows failed to build (see {tag}/failed_rows_total)")
     return rt, history

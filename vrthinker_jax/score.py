@@ -56,14 +56,13 @@ def score_pair(rm, prompt: str, bank, *, tools_enabled: bool = True, temperature
     import numpy as np
 
     from vrthinker_jax.eval import runner
-    from vrthinker_jax.rollout import protocol
 
     engine = rm.engine(temperature=temperature)
     traj = engine.rollout([prompt], np.asarray(bank)[None], jax.random.key(seed),
                           tools_enabled=tools_enabled)[0]
     ex = {"id": "pair", "prompt": prompt, "meta": dict(meta or {})}
     row = runner.row_from_trajectory(ex, traj, BENCHMARK)
-    row["meta"]["initial_frames"] = protocol.initial_frames(rm.protocol)
+    row["meta"]["initial_frames"] = rm.initial_frames
     row["meta"]["tool_errors"] = list(traj.tool_errors)
     return row
 
@@ -81,9 +80,12 @@ def check_prompt_text(prompt: str, flag: str = "--prompt") -> None:
 
 def check_prompt_fits(rm, prompt: str, flag: str = "--prompt") -> int:
     """The prompt's token count (system turn, text, initial frames); CliError when it exceeds
-    the export's largest prompt bucket, naming the limit and the config that sets it."""
+    the export's largest prompt bucket, naming the limit and the config that sets it. (A preset
+    export's prompt is checked by its engine, which fails the row with the limit named.)"""
     from vrthinker_jax.rollout import chat, frame_bank, protocol
 
+    if rm.preset is not None:
+        return 0
     tpf = frame_bank.PatchSpec.from_model_config(rm.model_cfg).tokens_per_frame(*rm.frame_size)
     n = len(chat.tokenize_segments(rm.tokenizer, protocol.prompt_segments(prompt, rm.protocol),
                                    tpf).ids)
@@ -133,6 +135,33 @@ def _describe(frames, pcfg) -> str:
     return "frames " + ", ".join(parts)
 
 
+def _decode_pair(args, manifest: dict):
+    """The pair's frames as the export's engine takes them (a bank, or a preset's candidates)."""
+    from data_pipelines import banks
+    from vrthinker_jax.rollout import presets, release
+
+    if "preset" in manifest:
+        preset = presets.load(os.path.join(args.checkpoint, manifest["preset"]))
+        try:
+            return release.pair_candidates(preset, args.video_a, args.video_b)
+        except ValueError as e:  # video.VideoError names the file
+            raise banks.BankError(str(e)) from None
+    proto = manifest["protocol"]
+    return banks.pair_bank(args.video_a, args.video_b, int(proto["num_candidates"]),
+                           tuple(manifest["frame_size"]))
+
+
+def _numbering(rm):
+    """What `_describe` needs to name a frame's video: the frames per video."""
+    if rm.preset is None:
+        return rm.protocol
+    from vrthinker_jax.rollout import protocol
+
+    per = rm.preset.frames.candidates_per_video
+    return protocol.ProtocolConfig(num_candidates=per, num_initial_frames=1,
+                                   max_frames_per_call=1, memory_window=2)
+
+
 def run(args) -> int:
     check_prompt_text(args.prompt)
     for flag, path in (("--video-a", args.video_a), ("--video-b", args.video_b)):
@@ -144,6 +173,7 @@ def run(args) -> int:
     from data_pipelines import banks
     from vrthinker_jax.checkpoints import export
     from vrthinker_jax.eval import html_report
+    from vrthinker_jax.rollout import presets
 
     try:
         manifest = export.read_manifest(args.checkpoint)
@@ -151,10 +181,8 @@ def run(args) -> int:
         raise CliError(f"--checkpoint {e}") from None
     # decode the videos before loading the weights: a bad video fails in a second
     try:
-        proto = manifest["protocol"]
-        bank = banks.pair_bank(args.video_a, args.video_b, int(proto["num_candidates"]),
-                               tuple(manifest["frame_size"]))
-    except banks.BankError as e:
+        bank = _decode_pair(args, manifest)
+    except (banks.BankError, presets.PresetError) as e:
         raise CliError(str(e)) from None
     except (KeyError, TypeError, ValueError) as e:
         raise CliError(f"--checkpoint {args.checkpoint}: bad protocol / frame_size ({e})") \
@@ -173,7 +201,7 @@ def run(args) -> int:
                     "sampling_seed": args.seed if args.temperature > 0 else None}}
     row = score_pair(rm, args.prompt, bank, tools_enabled=not args.no_tools,
                      temperature=args.temperature, seed=args.seed, meta=meta)
-    print(format_judgment(row, rm.protocol))
+    print(format_judgment(row, _numbering(rm)))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:

@@ -11,6 +11,13 @@ Layout of an export directory:
 The protocol, sampling and frame size are the ones the model was trained with: a reward model
 only answers well under the prompt layout, frame numbering and frame resolution it saw.
 
+A published checkpoint runs under a protocol preset instead (`rollout/presets.py`): its export
+holds `preset.toml` (a copy of the preset), `chat_template.json` (the checkpoint's own chat
+template) and the fields "preset", "preset_name" and "chat_template" in place of "protocol",
+"sampling" and "frame_size"; `score` and `eval` then run the preset engine
+(`rollout/preset_engine.py`). Write one with `python -m vrthinker_jax.tools.convert_hf --hf-dir
+DIR --out EXPORT --preset vr-thinker`.
+
 Write one from a trained run with `export_reward_model(dir, model=..., tokenizer_path=...,
 protocol_cfg=..., sampling_cfg=..., frame_size=...)`, or from an existing checkpoint directory:
 
@@ -33,6 +40,8 @@ import ml_collections
 from vrthinker_jax.checkpoints.hf import CheckpointError
 
 EXPORT_FILE = "reward_model.json"
+PRESET_FILE = "preset.toml"
+TEMPLATE_FILE = "chat_template.json"
 MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
 FORMAT = 1
@@ -76,9 +85,11 @@ def export_reward_model(
     directory: str,
     *,
     tokenizer_path: str,
-    protocol_cfg,
-    sampling_cfg,
-    frame_size: Sequence[int],
+    protocol_cfg=None,
+    sampling_cfg=None,
+    frame_size: Sequence[int] | None = None,
+    preset: str | None = None,
+    chat_template: str | None = None,
     model=None,
     model_dir: str | None = None,
     info: dict | None = None,
@@ -92,13 +103,22 @@ def export_reward_model(
     is copied to DIR/tokenizer/. protocol_cfg: `ProtocolConfig` or its ConfigDict;
     sampling_cfg: `sampler.sampling_config()` ConfigDict or dict; frame_size: (H, W) pixels of a
     bank frame, multiples of 28. `info` (JSON-serialisable) is stored as provenance.
+    preset (a shipped preset name or .toml path) + chat_template (the checkpoint's template
+    source): an export that runs under that preset; protocol_cfg, sampling_cfg and frame_size
+    are then not used.
     overwrite: replace an earlier export in DIR (a re-run training job) instead of raising.
     """
-    from vrthinker_jax import checkpoints
     from vrthinker_jax.rollout import sampler
 
     if (model is None) == (model_dir is None):
         raise ValueError("export_reward_model: give exactly one of model= and model_dir=")
+    if preset is not None:
+        return _export_preset(directory, tokenizer_path=tokenizer_path, preset=preset,
+                              chat_template=chat_template, model=model, model_dir=model_dir,
+                              info=info, overwrite=overwrite)
+    if protocol_cfg is None or sampling_cfg is None or frame_size is None:
+        raise ValueError("export_reward_model: give protocol_cfg, sampling_cfg and frame_size "
+                         "(or a preset)")
     frame = [int(x) for x in frame_size]
     if len(frame) != 2 or min(frame) <= 0 or frame[0] % 28 or frame[1] % 28:
         raise ValueError(f"export_reward_model: frame_size {tuple(frame_size)} must be two "
@@ -114,6 +134,26 @@ def export_reward_model(
             shutil.rmtree(os.path.join(directory, MODEL_DIR), ignore_errors=True)
     pdict = _protocol_dict(protocol_cfg)
     sdict = sampler.sampling_config(**dict(sampling_cfg)).to_dict()
+    model_ref, tok_rel = _write_model_and_tokenizer(directory, model, model_dir, tokenizer_path)
+    manifest = {
+        "format": FORMAT,
+        "model": model_ref,
+        "tokenizer": tok_rel,
+        "protocol": pdict,
+        "sampling": _jsonable(sdict),
+        "frame_size": frame,
+        "info": dict(info or {}),
+    }
+    with open(os.path.join(directory, EXPORT_FILE), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return directory
+
+
+def _write_model_and_tokenizer(directory: str, model, model_dir, tokenizer_path):
+    """Saves or references the weights and copies the tokenizer; returns their manifest
+    entries (model, tokenizer)."""
+    from vrthinker_jax import checkpoints
+
     tok_src = _tokenizer_file(tokenizer_path)
     os.makedirs(directory, exist_ok=True)
     if model is not None:
@@ -129,15 +169,30 @@ def export_reward_model(
     os.makedirs(os.path.join(directory, TOKENIZER_DIR), exist_ok=True)
     tok_rel = os.path.join(TOKENIZER_DIR, os.path.basename(tok_src))
     shutil.copyfile(tok_src, os.path.join(directory, tok_rel))
-    manifest = {
-        "format": FORMAT,
-        "model": model_ref,
-        "tokenizer": tok_rel,
-        "protocol": pdict,
-        "sampling": _jsonable(sdict),
-        "frame_size": frame,
-        "info": dict(info or {}),
-    }
+    return model_ref, tok_rel
+
+
+def _export_preset(directory: str, *, tokenizer_path, preset, chat_template, model, model_dir,
+                   info, overwrite) -> str:
+    """An export that runs under a protocol preset (see the module docstring)."""
+    from vrthinker_jax.rollout import presets, render
+
+    loaded = presets.load(preset)  # refuses a bad preset before anything is written
+    if not chat_template:
+        raise ValueError("export_reward_model: a preset export needs the checkpoint's chat "
+                         "template (chat_template=)")
+    render.ChatTemplate(chat_template, origin="chat_template")  # refuses one that won't parse
+    directory = os.path.abspath(directory)
+    if os.path.exists(os.path.join(directory, EXPORT_FILE)) and not overwrite:
+        raise ExportError(f"{os.path.join(directory, EXPORT_FILE)}: already exists "
+                          "(pass overwrite=True to replace the export)")
+    model_ref, tok_rel = _write_model_and_tokenizer(directory, model, model_dir, tokenizer_path)
+    shutil.copyfile(loaded.path, os.path.join(directory, PRESET_FILE))
+    with open(os.path.join(directory, TEMPLATE_FILE), "w") as f:
+        json.dump({"chat_template": chat_template}, f)
+    manifest = {"format": FORMAT, "model": model_ref, "tokenizer": tok_rel,
+                "preset": PRESET_FILE, "preset_name": loaded.name,
+                "chat_template": TEMPLATE_FILE, "info": dict(info or {})}
     with open(os.path.join(directory, EXPORT_FILE), "w") as f:
         json.dump(manifest, f, indent=1)
     return directory
@@ -163,11 +218,34 @@ class RewardModel:
     sampling: ml_collections.ConfigDict
     frame_size: tuple[int, int]
     info: dict
+    preset: object = None  # rollout.presets.Preset of a published checkpoint's export
+    template: object = None  # its rollout.render.ChatTemplate
+
+    @property
+    def initial_frames(self) -> list[int]:
+        """1-based frame numbers shown in the first prompt."""
+        from vrthinker_jax.rollout import protocol, release
+
+        if self.preset is not None:
+            return [i + 1 for i in release.initial_indices(self.preset)]
+        return protocol.initial_frames(self.protocol)
 
     def engine(self, *, mesh=None, temperature: float | None = 0.0, **sampling_overrides):
-        """A RolloutEngine over this model. temperature 0 (the default) decodes greedily, so a
-        judgment is reproducible; None keeps the exported temperature."""
+        """A RolloutEngine over this model (a PresetEngine for a preset export). temperature 0
+        (the default) decodes greedily, so a judgment is reproducible; None keeps the exported
+        (or the preset's) temperature."""
         from vrthinker_jax.rollout import engine as engine_lib
+
+        if self.preset is not None:
+            from vrthinker_jax.rollout import preset_engine
+
+            if mesh is not None and mesh.devices.size > 1:
+                raise ValueError("a preset export runs on one device for now (no --mesh)")
+            over = dict(sampling_overrides)
+            if temperature is not None:
+                over["temperature"] = float(temperature)
+            return preset_engine.PresetEngine(self.model, self.tokenizer, self.template,
+                                              self.preset, sampling=over)
 
         scfg = self.sampling.copy_and_resolve_references()
         if temperature is not None:
@@ -181,6 +259,10 @@ class RewardModel:
         `data_pipelines.banks.BankError` (a ValueError naming the file) for a bad video."""
         from data_pipelines import banks
 
+        if self.preset is not None:
+            from vrthinker_jax.rollout import release
+
+            return release.pair_candidates(self.preset, video_a, video_b)
         return banks.pair_bank(video_a, video_b, self.protocol.num_candidates, self.frame_size)
 
 
@@ -213,8 +295,9 @@ def read_manifest(directory: str) -> dict:
     fmt = manifest.get("format")
     if fmt != FORMAT:
         raise ExportError(f"{path}: field 'format' is {fmt!r}; this version reads {FORMAT}")
-    for key, kind in (("model", str), ("tokenizer", str), ("protocol", dict),
-                      ("sampling", dict), ("frame_size", list)):
+    fields = ((("preset", str), ("chat_template", str)) if "preset" in manifest else
+              (("protocol", dict), ("sampling", dict), ("frame_size", list)))
+    for key, kind in (("model", str), ("tokenizer", str), *fields):
         _field(manifest, key, path, kind)
     return manifest
 
@@ -225,13 +308,13 @@ def load_reward_model(directory: str, *, dtype: str | None = None) -> RewardMode
     Raises ExportError (a ValueError) naming the file and field for anything missing or
     inconsistent, e.g. a tokenizer whose <|image_pad|> id differs from the model's.
     """
-    from data_pipelines import tokenizer as tok_lib
-    from vrthinker_jax import checkpoints
-    from vrthinker_jax.rollout import chat, protocol, sampler
+    from vrthinker_jax.rollout import protocol, sampler
 
     directory = os.path.abspath(directory)
     manifest = read_manifest(directory)
     path = os.path.join(directory, EXPORT_FILE)
+    if "preset" in manifest:
+        return _load_preset_export(directory, manifest, dtype)
     try:
         pcfg = protocol.ProtocolConfig.from_configdict(manifest["protocol"])
     except (TypeError, ValueError) as e:
@@ -247,14 +330,26 @@ def load_reward_model(directory: str, *, dtype: str | None = None) -> RewardMode
     if len(frame) != 2 or not all(isinstance(x, int) and x > 0 and x % 28 == 0 for x in frame):
         raise ExportError(f"{path}: field 'frame_size' must be [H, W], positive multiples of 28; "
                           f"got {frame}")
-    tok_path = os.path.join(directory, manifest["tokenizer"])
+    model, mcfg, tok = _load_model_and_tokenizer(directory, manifest, dtype)
+    return RewardModel(directory=directory, model=model, model_cfg=mcfg, tokenizer=tok,
+                       protocol=pcfg, sampling=scfg, frame_size=(int(frame[0]), int(frame[1])),
+                       info=dict(manifest.get("info") or {}))
+
+
+def _load_model_and_tokenizer(directory: str, manifest: dict, dtype):
+    """(model, model config, tokenizer) of an export, checked to belong together."""
+    from data_pipelines import tokenizer as tok_lib
+    from vrthinker_jax import checkpoints
+    from vrthinker_jax.rollout import chat
+
+    path = os.path.join(directory, EXPORT_FILE)
     try:
-        tok = tok_lib.load_tokenizer(tok_path)
+        tok = tok_lib.load_tokenizer(os.path.join(directory, manifest["tokenizer"]))
     except (tok_lib.TokenizerError, OSError) as e:
         raise ExportError(f"{path}: field 'tokenizer': {e}") from None
-    model_path = os.path.join(directory, manifest["model"])
     try:
-        model, mcfg = checkpoints.load_model(model_path, dtype=dtype)
+        model, mcfg = checkpoints.load_model(os.path.join(directory, manifest["model"]),
+                                             dtype=dtype)
     except FileNotFoundError as e:
         raise ExportError(f"{path}: field 'model': {e}") from None
     pad = tok.token_to_id(chat.IMAGE_PAD)
@@ -266,9 +361,27 @@ def load_reward_model(directory: str, *, dtype: str | None = None) -> RewardMode
     if tok.vocab_size > mcfg.text.vocab_size:
         raise ExportError(f"{path}: tokenizer vocab_size {tok.vocab_size} exceeds the model's "
                           f"text.vocab_size {mcfg.text.vocab_size}")
+    return model, mcfg, tok
+
+
+def _load_preset_export(directory: str, manifest: dict, dtype) -> RewardModel:
+    from vrthinker_jax.rollout import presets, render
+
+    path = os.path.join(directory, EXPORT_FILE)
+    try:
+        preset = presets.load(os.path.join(directory, manifest["preset"]))
+        with open(os.path.join(directory, manifest["chat_template"]), encoding="utf-8") as f:
+            source = json.load(f)["chat_template"]
+        template = render.ChatTemplate(source, origin=os.path.join(directory,
+                                                                   manifest["chat_template"]))
+    except (presets.PresetError, render.TemplateError) as e:
+        raise ExportError(f"{path}: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{path}: field 'chat_template': {e}") from None
+    model, mcfg, tok = _load_model_and_tokenizer(directory, manifest, dtype)
     return RewardModel(directory=directory, model=model, model_cfg=mcfg, tokenizer=tok,
-                       protocol=pcfg, sampling=scfg, frame_size=(int(frame[0]), int(frame[1])),
-                       info=dict(manifest.get("info") or {}))
+                       protocol=None, sampling=None, frame_size=None,
+                       info=dict(manifest.get("info") or {}), preset=preset, template=template)
 
 
 def content_hash(directory: str) -> str:

@@ -270,13 +270,20 @@ def load_engine(args):
     import jax
 
     from vrthinker_jax.checkpoints import export
-    from vrthinker_jax.rollout import protocol
 
     try:
         rm = export.load_reward_model(args.checkpoint)
     except (export.CheckpointError, ValueError, FileNotFoundError) as e:
         raise CliError(f"--checkpoint {e}") from None
-    mesh, batch_size = _mesh_and_batch(args.batch_size, args.mesh)
+    if rm.preset is not None and args.no_tools:
+        raise CliError(f"--no-tools: {args.checkpoint} runs preset {rm.preset.name}, whose "
+                       "protocol has no tools-off mode")
+    if rm.preset is not None:  # a preset export runs on one device for now
+        mesh, batch_size = None, args.batch_size or 4
+        if batch_size < 1:
+            raise CliError(f"--batch-size {batch_size}: must be positive")
+    else:
+        mesh, batch_size = _mesh_and_batch(args.batch_size, args.mesh)
     try:
         engine = rm.engine(mesh=mesh, temperature=args.temperature)
     except ValueError as e:
@@ -292,7 +299,7 @@ def load_engine(args):
         srcs = [ex.get(f"{k}_bytes") or ex[k] for k in ("video_a", "video_b")]
         return rm.load_bank(*srcs)
 
-    return rollout, load_bank, batch_size, protocol.initial_frames(rm.protocol)
+    return rollout, load_bank, batch_size, rm.initial_frames
 
 
 def model_identity(checkpoint: str) -> str:

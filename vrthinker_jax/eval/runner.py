@@ -209,7 +209,8 @@ def make_predict_batch(
     """Wraps a rollout engine as `predict_batch` for `run_model_eval`.
 
     rollout(prompts, banks, step) -> one trajectory per row: prompts list[str] of exactly
-      `batch_size`, banks uint8 [batch_size, 2N, H, W, 3], step a counter the caller folds into
+      `batch_size`, banks uint8 [batch_size, 2N, H, W, 3] (a list of [2N, H, W, 3] when the rows
+      differ in frame size: a preset export), step a counter the caller folds into
       its rng. Trajectories are duck-typed as in `row_from_trajectory`.
     load_bank(example) -> uint8 [2N, H, W, 3]; raises ValueError / OSError naming the file for a
       corrupt or missing video, which becomes that example's error row (the others still run).
@@ -234,8 +235,11 @@ def make_predict_batch(
             pad = batch_size - len(good)
             prompts = [examples[i].get("prompt", "") for i in good]
             prompts += [prompts[-1]] * pad
-            stacked = np.stack(banks + [banks[-1]] * pad)
-            trajs = list(rollout(prompts, stacked, next(steps)))
+            padded = banks + [banks[-1]] * pad
+            # one array when the rows' frames share a shape (always for a bank); a preset's
+            # candidates keep each video's own size, so rows may differ
+            same = all(b.shape == padded[0].shape for b in padded)
+            trajs = list(rollout(prompts, np.stack(padded) if same else padded, next(steps)))
             if len(trajs) < len(good):
                 raise ValueError(f"rollout returned {len(trajs)} rows for {len(good)} pairs")
             for i, traj in zip(good, trajs):

@@ -35,8 +35,9 @@ STRUCTURAL = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_p
 @dataclasses.dataclass
 class PresetTrajectory:
     """One finished row. turns: the generated text of each assistant turn (as decoded);
-    history: each turn as fed back; generated: the ids of each turn; tool_frames: 0-based
-    candidates per served call ([] for an error); prompt_ids: the last prompt the model saw."""
+    history: each turn as fed back; generated: the ids of each turn; tool_frames: the 1-based
+    candidate numbers each served call returned ([] for an error; a call for frame 0 returns
+    the last candidate, as in the release); prompt_ids: the last prompt the model saw."""
 
     turns: list[str]
     history: list[str]
@@ -46,6 +47,10 @@ class PresetTrajectory:
     judgments: dict[str, int] | None
     stop: str  # answer | no_answer | tool_budget | tokens | images | format
     prompt_ids: np.ndarray
+
+    @property
+    def assistant_turns(self) -> list[str]:  # the name eval's rows read
+        return self.turns
 
 
 @dataclasses.dataclass
@@ -69,18 +74,23 @@ class PresetEngine:
       model: the `Qwen25VL` nnx module; tokenizer: its tokenizer (data_pipelines.tokenizer);
       template: the checkpoint's `render.ChatTemplate`; preset: `presets.Preset`.
       max_len: KV-cache slots per row (default: the preset's token budget plus one turn).
-      buckets: static segment lengths (a re-prefilled suffix is padded to the next one).
+      buckets: static segment lengths (a re-prefilled suffix is padded to the next one; each
+        compiles once). Default: powers of two from 512 up to one that holds max_len.
       sampling: sampler.sampling_config overrides (temperature etc. default to the preset's).
     """
 
     def __init__(self, model, tokenizer, template: render.ChatTemplate,
                  preset: presets.Preset, *, max_len: int | None = None,
-                 buckets: Sequence[int] = (512, 1024, 2048, 4096), sampling=None):
+                 buckets: Sequence[int] | None = None, sampling=None):
         self.cfg = model.config
         self.tok, self.template, self.preset = tokenizer, template, preset
-        self.buckets = tuple(sorted(int(b) for b in buckets))
         budget = preset.budget
         max_len = int(max_len or budget.max_total_tokens + budget.max_new_tokens + 8)
+        if buckets is None:
+            buckets = [512]
+            while buckets[-1] < max_len:
+                buckets.append(2 * buckets[-1])
+        self.buckets = tuple(sorted(int(b) for b in buckets))
         scfg = sampler.sampling_config(temperature=preset.sampling.temperature,
                                        top_p=preset.sampling.top_p, top_k=preset.sampling.top_k)
         scfg.update(dict(sampling or {}))
@@ -216,14 +226,20 @@ class PresetEngine:
 
     # ----------------------------------------------------------------- the rollout
 
-    def rollout(self, prompts: list[str], candidates: list[np.ndarray], rng: jax.Array, *,
-                script: Callable[[int, int, str], str] | None = None) -> list[PresetTrajectory]:
+    def rollout(self, prompts: list[str], candidates: Sequence[np.ndarray], rng: jax.Array, *,
+                script: Callable[[int, int, str], str] | None = None,
+                tools_enabled: bool = True) -> list[PresetTrajectory]:
         """Rolls out one trajectory per prompt.
 
-        candidates: per row uint8 [2 * candidates_per_video, H, W, 3] (video 1's first).
+        candidates: per row uint8 [2 * candidates_per_video, H, W, 3] (video 1's first; rows
+          may differ in frame size).
+        tools_enabled: must be True: the release's protocol has no tools-off mode.
         script: (row, turn, generated text) -> the turn's text as the environment reads it
           (benchmarks and tests: e.g. append a tool call to a random model's text).
         """
+        if not tools_enabled:
+            raise ValueError(f"preset {self.preset.name}: the release's protocol has no "
+                             "tools-off mode (--no-tools)")
         p = self.preset
         b = len(prompts)
         rows = [_Row(release.first_turn(p, pr, c), c) for pr, c in zip(prompts, candidates)]
@@ -297,7 +313,7 @@ class PresetEngine:
         last = len(row.tool_frames) + 1 == p.budget.max_tool_calls
         row.conv.messages.append(release.response_message(p, result, row.conv, row.candidates,
                                                           last=last))
-        row.tool_frames.append(list(result.frames))
+        row.tool_frames.append([f + 1 for f in result.frames])
         row.tool_errors.append(result.error)
         return True
 

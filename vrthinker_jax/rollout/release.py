@@ -41,6 +41,21 @@ def initial_indices(preset: presets.Preset) -> list[int]:
     return one + [per + i for i in one]
 
 
+def pair_candidates(preset: presets.Preset, video_a, video_b) -> np.ndarray:
+    """uint8 [2 * candidates_per_video, H, W, 3]: each video's candidates (paths or encoded
+    bytes) at the centres of equal parts, video A's first. The initial frames of both videos
+    form one video item, which needs one frame size: video B's frames are resized (PIL bicubic)
+    to video A's when they differ (the release's data loader is not published; benchmark pairs
+    share a size). A bad video raises `data_pipelines.video.VideoError` naming the file."""
+    from data_pipelines import processor, video
+
+    n = preset.frames.candidates_per_video
+    a, b = (video.read_frames(v, num_frames=n) for v in (video_a, video_b))
+    if a.shape[1:] != b.shape[1:]:
+        b = np.stack([processor.resize_uint8(f, a.shape[1:3]) for f in b])
+    return np.concatenate([a, b])
+
+
 def first_turn(preset: presets.Preset, prompt: str, candidates: np.ndarray
                ) -> render.Conversation:
     """System turn + the first user turn (initial frames and the task text).

@@ -1,9 +1,13 @@
 """Convert a Hugging Face Qwen2.5-VL directory into an orbax model checkpoint.
 
-    python -m vrthinker_jax.tools.convert_hf --hf-dir DIR --out DIR [--dtype bfloat16]
+    python -m vrthinker_jax.tools.convert_hf --hf-dir DIR --out DIR [--dtype bfloat16] \
+        [--preset vr-thinker]
 
-Tensors are streamed one at a time and cast to --dtype as they are read. On bad input prints one
-error line to stderr and exits with status 2.
+Tensors are streamed one at a time and cast to --dtype as they are read. With --preset (a
+shipped preset name or a .toml path, `vrthinker_jax/presets/`), --out becomes a reward-model
+export that runs the checkpoint under that preset: the weights in OUT/model, the HF directory's
+tokenizer.json and chat template, and the preset (`score` / `eval --checkpoint OUT` take it).
+On bad input prints one error line to stderr and exits with status 2.
 """
 
 from __future__ import annotations
@@ -27,17 +31,32 @@ def main(argv: list[str] | None = None) -> int:
                    help="parameter (and compute) dtype of the converted checkpoint")
     p.add_argument("--scan-layers", action="store_true",
                    help="store decoder layers stacked (the scan_layers model layout)")
+    p.add_argument("--preset", default=None,
+                   help="write a reward-model export that runs under this protocol preset")
     args = p.parse_args(argv)
 
-    from vrthinker_jax.checkpoints import hf, orbax_io
+    from data_pipelines import tokenizer as tok_lib
+    from vrthinker_jax.checkpoints import export, hf, orbax_io
+    from vrthinker_jax.rollout import presets, render
 
-    if os.path.exists(os.path.join(args.out, orbax_io.PARAMS_DIR)):
-        return _fail(f"{os.path.join(args.out, orbax_io.PARAMS_DIR)}: already exists")
+    target = os.path.join(args.out, export.MODEL_DIR) if args.preset else args.out
+    if os.path.exists(os.path.join(target, orbax_io.PARAMS_DIR)):
+        return _fail(f"{os.path.join(target, orbax_io.PARAMS_DIR)}: already exists")
     try:
+        template = None
+        if args.preset:  # check what the export needs before the long conversion
+            presets.load(args.preset)
+            template = render.find_chat_template(args.hf_dir)
+            tok_lib.load_tokenizer(args.hf_dir)
         model, cfg = hf.import_hf_dir(args.hf_dir, dtype=args.dtype,
                                       scan_layers=args.scan_layers, progress=True)
-        orbax_io.save_model(model, args.out)
-    except (hf.CheckpointError, FileNotFoundError, ValueError, OSError) as e:
+        orbax_io.save_model(model, target)
+        if args.preset:
+            export.export_reward_model(
+                args.out, model_dir=target, tokenizer_path=args.hf_dir, preset=args.preset,
+                chat_template=template, info={"source_model": os.path.abspath(args.hf_dir)})
+    except (hf.CheckpointError, presets.PresetError, render.TemplateError, FileNotFoundError,
+            ValueError, OSError) as e:
         return _fail(str(e))
     print(f"convert_hf: wrote {args.out} ({cfg.text.num_hidden_layers} decoder layers, "
           f"{args.dtype})")

@@ -36,22 +36,6 @@ def read_turns(path: str) -> list[str]:
     return turns
 
 
-def candidate_frames(preset, video_a: str, video_b: str):
-    """uint8 [2 * candidates_per_video, H, W, 3]: each video's candidates at the centres of
-    equal parts, video A's first. The initial frames of both videos form one video item, which
-    needs one frame size: video B's frames are resized (PIL bicubic) to video A's when they
-    differ (the release's data loader is not published; benchmark pairs share a size)."""
-    import numpy as np
-
-    from data_pipelines import processor, video
-
-    n = preset.frames.candidates_per_video
-    a, b = (video.read_frames(p, num_frames=n) for p in (video_a, video_b))
-    if a.shape[1:] != b.shape[1:]:
-        b = np.stack([processor.resize_uint8(f, a.shape[1:3]) for f in b])
-    return np.concatenate([a, b])
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vrthinker_jax.tools.render",
                                 description=__doc__.splitlines()[0])
@@ -78,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         template = render.ChatTemplate.from_dir(args.checkpoint)
         tok = tok_lib.load_tokenizer(args.checkpoint)
         turns = read_turns(args.turns) if args.turns else []
-        cands = candidate_frames(preset, args.video_a, args.video_b)
+        cands = release.pair_candidates(preset, args.video_a, args.video_b)
         conv, gen = release.replay(preset, args.prompt, cands, turns)
         inputs = render.render(conv, preset, template, tok, add_generation_prompt=gen)
         np.savez(args.out, **inputs.arrays())

@@ -32,6 +32,19 @@ STRUCTURAL = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_p
               "<|video_pad|>")
 
 
+def _known_ids(tokenizer, tokens) -> tuple[int, ...]:
+    """The ids of those tokens the tokenizer has (one without a token cannot write it)."""
+    out = []
+    for t in tokens:
+        try:
+            tid = tokenizer.token_to_id(t)
+        except KeyError:
+            continue
+        if tid is not None:
+            out.append(int(tid))
+    return tuple(out)
+
+
 @dataclasses.dataclass
 class PresetTrajectory:
     """One finished row. turns: the generated text of each assistant turn (as decoded);
@@ -107,7 +120,7 @@ class PresetEngine:
             patch=frame_bank.PatchSpec.from_model_config(self.cfg),
             vocab_limit=int(tokenizer.vocab_size), serve_fraction=1.0,
             kv_buckets=int(scfg.insert_kv_buckets), prefill_chunk=int(scfg.prefill_chunk),
-            banned_ids=tuple(int(tokenizer.token_to_id(t)) for t in STRUCTURAL),
+            banned_ids=_known_ids(tokenizer, STRUCTURAL),
         )
         self.decode_fn, _, self.finish_fn = sampler.compiled(self.static, self.graphdef)
         self.reprefill_fn = sampler.compiled_reprefill(self.static, self.graphdef)

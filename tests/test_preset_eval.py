@@ -96,3 +96,25 @@ def test_convert_with_a_preset_then_eval_and_score(export_dir, videogen, tmp_pat
                       "--checkpoint", export_dir, "--out", str(tmp_path / "o2"), "--quiet",
                       "--no-tools"]) == 2
     assert "no tools-off mode" in capsys.readouterr().err
+
+
+def test_convert_with_the_project_preset_writes_a_protocol_export(tmp_path, capsys):
+    from vrthinker_jax.checkpoints import export
+    from vrthinker_jax.tools import convert_hf
+
+    hf_dir = str(tmp_path / "hf")
+    ref.tiny_release_checkpoint(hf_dir, QWEN25VL_TEMPLATE)
+    out = str(tmp_path / "export")
+    assert convert_hf.main(["--hf-dir", hf_dir, "--out", out, "--preset", "vrthinker_jax"]) == 0
+    m = json.load(open(os.path.join(out, "reward_model.json")))
+    assert m["protocol"]["num_candidates"] == 128 and m["frame_size"] == [448, 448]
+    assert m["info"]["preset"] == "vrthinker_jax" and "preset" not in m
+    rm = export.load_reward_model(out)
+    assert rm.preset is None and rm.protocol.memory_window == 32
+    # an unknown preset is refused before the conversion, in one line
+    capsys.readouterr()
+    assert convert_hf.main(["--hf-dir", hf_dir, "--out", str(tmp_path / "e2"), "--preset",
+                            "no-such"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "neither a file nor one of" in err[0]
+    assert not os.path.exists(tmp_path / "e2" / "model")

@@ -231,10 +231,13 @@ def test_release_call_rules():
 
 
 def test_presets_load_and_refuse_bad_files(tmp_path):
-    assert {"vr-thinker", "vrthinker"} <= set(presets.available())
-    for name in presets.available():
+    assert set(presets.available()) == {"vr-thinker", "vrthinker", "vrthinker_jax"}
+    for name in ("vr-thinker", "vrthinker"):
         p = presets.load(name)
-        assert p.name == name and p.unverified  # every shipped preset says what is open
+        assert p.name == name and p.unverified  # every published preset says what is open
+    own = presets.load("vrthinker_jax")
+    assert isinstance(own, presets.ProjectPreset) and own.frame_size == (448, 448)
+    assert own.protocol["num_candidates"] == 128 and own.protocol["memory_window"] == 32
     bad = tmp_path / "bad.toml"
     src = open(presets.resolve("vr-thinker")).read()
     bad.write_text(src.replace("max_per_call = 8", "max_per_call = 8\nmax_per_cal = 9"))

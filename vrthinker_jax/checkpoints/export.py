@@ -178,6 +178,9 @@ def _export_preset(directory: str, *, tokenizer_path, preset, chat_template, mod
     from vrthinker_jax.rollout import presets, render
 
     loaded = presets.load(preset)  # refuses a bad preset before anything is written
+    if not isinstance(loaded, presets.Preset):
+        raise ValueError(f"preset {loaded.name}: the project's own protocol is exported with "
+                         "protocol_cfg / sampling_cfg / frame_size (`convert_hf --preset` does it)")
     if not chat_template:
         raise ValueError("export_reward_model: a preset export needs the checkpoint's chat "
                          "template (chat_template=)")

@@ -2,7 +2,9 @@
 
 A preset is data, not code: `vrthinker_jax/presets/<name>.toml` (shipped: `vr-thinker`, the
 paper's checkpoint run as its release code runs it; `vrthinker`, the second published
-checkpoint run as its card's `infer.py` runs it; `vrthinker_jax`, this project's own protocol).
+checkpoint run as its card's `infer.py` runs it; `vrthinker_jax`, this project's own protocol,
+which is `engine = "project"`: a [protocol] and a [sampling] table of the project's config
+fields and a frame_size, run by the project's RolloutEngine; see :class:`ProjectPreset`).
 Copy one, edit it, and pass its path wherever a preset name is accepted (`--preset PATH`).
 
 Sections (every key is required; an unknown key is refused with the file and key named):
@@ -190,6 +192,22 @@ _CHOICES = {("system", "tools_block"): TOOLS_BLOCKS, ("first_turn", "initial_as"
 _TOP = ("name", "description", "checkpoint", "source")
 
 
+@dataclasses.dataclass(frozen=True)
+class ProjectPreset:
+    """This project's protocol as a preset (`engine = "project"`): the fields of
+    `protocol.protocol_config`, `sampler.sampling_config` and the frame size."""
+
+    name: str
+    description: str
+    checkpoint: str
+    source: str
+    unverified: tuple[str, ...]
+    protocol: dict
+    sampling: dict
+    frame_size: tuple[int, int]
+    path: str = ""
+
+
 def available() -> list[str]:
     """Names of the shipped presets."""
     return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".toml"))
@@ -235,7 +253,7 @@ def _section(path: str, key: str, raw: Any):
     return cls(**values)
 
 
-def load(name_or_path: str) -> Preset:
+def load(name_or_path: str) -> Preset | ProjectPreset:
     """Reads and checks a preset (a shipped name or a .toml path)."""
     path = resolve(name_or_path)
     try:
@@ -243,6 +261,11 @@ def load(name_or_path: str) -> Preset:
             raw = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise PresetError(f"{path}: cannot read preset ({e})") from None
+    engine = raw.pop("engine", "release")
+    if engine == "project":
+        return _load_project(path, raw)
+    if engine != "release":
+        raise PresetError(f"{path}: engine = {engine!r}, expected 'release' or 'project'")
     unknown = sorted(set(raw) - set(_SECTIONS) - {"path"})
     unverified = raw.get("unverified")
     if not (isinstance(unverified, list) and all(isinstance(u, str) for u in unverified)):
@@ -259,6 +282,35 @@ def load(name_or_path: str) -> Preset:
                     **{k: _section(path, k, raw[k]) for k in _CLASSES}, path=path)
     _check(preset)
     return preset
+
+
+def _load_project(path: str, raw: dict) -> ProjectPreset:
+    from vrthinker_jax.rollout import protocol, sampler
+
+    keys = set(_TOP) | {"unverified", "protocol", "sampling", "frame_size"}
+    if sorted(set(raw) - keys):
+        raise PresetError(f"{path}: unknown keys {sorted(set(raw) - keys)}")
+    missing = sorted(keys - set(raw))
+    if missing:
+        raise PresetError(f"{path}: missing keys {missing}")
+    try:
+        pcfg = protocol.ProtocolConfig.from_configdict(protocol.protocol_config(**raw["protocol"]))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise PresetError(f"{path}: [protocol]: {e}") from None
+    sampling = dict(raw["sampling"])
+    if "prompt_buckets" in sampling:
+        sampling["prompt_buckets"] = tuple(sampling["prompt_buckets"])
+    try:
+        sampler.sampling_config(**sampling)
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        raise PresetError(f"{path}: [sampling]: {e}") from None
+    frame = raw["frame_size"]
+    if not (isinstance(frame, list) and len(frame) == 2
+            and all(isinstance(x, int) and x > 0 and x % 28 == 0 for x in frame)):
+        raise PresetError(f"{path}: frame_size must be [H, W], positive multiples of 28")
+    return ProjectPreset(**{k: raw[k] for k in _TOP}, unverified=tuple(raw["unverified"]),
+                         protocol=dataclasses.asdict(pcfg), sampling=sampling,
+                         frame_size=(frame[0], frame[1]), path=path)
 
 
 def _check(p: Preset) -> None:

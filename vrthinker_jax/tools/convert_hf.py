@@ -43,18 +43,25 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(os.path.join(target, orbax_io.PARAMS_DIR)):
         return _fail(f"{os.path.join(target, orbax_io.PARAMS_DIR)}: already exists")
     try:
-        template = None
+        template, preset = None, None
         if args.preset:  # check what the export needs before the long conversion
-            presets.load(args.preset)
-            template = render.find_chat_template(args.hf_dir)
+            preset = presets.load(args.preset)
+            if isinstance(preset, presets.Preset):
+                template = render.find_chat_template(args.hf_dir)
             tok_lib.load_tokenizer(args.hf_dir)
         model, cfg = hf.import_hf_dir(args.hf_dir, dtype=args.dtype,
                                       scan_layers=args.scan_layers, progress=True)
         orbax_io.save_model(model, target)
-        if args.preset:
+        info = {"source_model": os.path.abspath(args.hf_dir)}
+        if isinstance(preset, presets.ProjectPreset):  # the project's own protocol
+            export.export_reward_model(
+                args.out, model_dir=target, tokenizer_path=args.hf_dir,
+                protocol_cfg=preset.protocol, sampling_cfg=preset.sampling,
+                frame_size=preset.frame_size, info={**info, "preset": preset.name})
+        elif preset is not None:
             export.export_reward_model(
                 args.out, model_dir=target, tokenizer_path=args.hf_dir, preset=args.preset,
-                chat_template=template, info={"source_model": os.path.abspath(args.hf_dir)})
+                chat_template=template, info=info)
     except (hf.CheckpointError, presets.PresetError, render.TemplateError, FileNotFoundError,
             ValueError, OSError) as e:
         return _fail(str(e))

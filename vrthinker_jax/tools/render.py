@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         preset = presets.load(args.preset)
+        if not isinstance(preset, presets.Preset):
+            raise ValueError(f"preset {preset.name} is this project's protocol, which the "
+                             "rollout engine tokenizes segment by segment (rollout/chat.py); "
+                             "render takes a published checkpoint's preset")
         for item in preset.unverified:
             print(f"render: warning: {preset.name}: unverified: {item}", file=sys.stderr)
         template = render.ChatTemplate.from_dir(args.checkpoint)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from data_pipelines import tokenizer as tok_lib
 from tests import release_reference as ref
@@ -60,3 +61,15 @@ def test_greedy_rollout_equals_the_transformers_release_loop(setup):
     short = engine.rollout(prompts, setup["candidates"], jax.random.key(0), script=one_call)
     assert [len(t.tool_frames) for t in short] == [1, 1]
     assert engine.compile_count() == compiled
+
+
+def test_a_prompt_the_cache_cannot_hold_ends_the_row(setup):
+    """The release checks its token cap after a turn only, so a prompt can outgrow the cache:
+    the row ends with stop 'cache_full' (counted, no answer) instead of failing the batch."""
+    e = setup["engine"]
+    small = preset_engine.PresetEngine(nnx.merge(e.graphdef, e.params), setup["tok"],
+                                       e.template, setup["preset"], max_len=300,
+                                       buckets=(256,))
+    trajs = small.rollout(["a fox"], setup["candidates"][:1], jax.random.key(0))
+    assert trajs[0].stop == "cache_full" and trajs[0].judgments is None
+    assert trajs[0].turns == [] and len(trajs[0].prompt_ids) >= 299

@@ -58,7 +58,7 @@ class PresetTrajectory:
     tool_frames: list[list[int]]
     tool_errors: list[str | None]
     judgments: dict[str, int] | None
-    stop: str  # answer | no_answer | tool_budget | tokens | images | format
+    stop: str  # answer | no_answer | tool_budget | tokens | images | format | cache_full
     prompt_ids: np.ndarray
 
     @property
@@ -98,19 +98,33 @@ class PresetEngine:
         self.cfg = model.config
         self.tok, self.template, self.preset = tokenizer, template, preset
         budget = preset.budget
-        max_len = int(max_len or budget.max_total_tokens + budget.max_new_tokens + 8)
-        if buckets is None:
+        sampling = dict(sampling or {})
+        # the release checks its token cap only after a turn, so a prompt may pass it by a
+        # response and a turn; a row whose prompt does not fit the cache ends ("cache_full")
+        max_len = int(max_len or sampling.pop("max_len", 0)
+                      or budget.max_total_tokens + budget.max_new_tokens + 8)
+        if buckets is None:  # powers of two from 512, the last one max_len itself
             buckets = [512]
             while buckets[-1] < max_len:
                 buckets.append(2 * buckets[-1])
+            buckets[-1] = max_len
         self.buckets = tuple(sorted(int(b) for b in buckets))
+        if self.buckets[-1] > max_len:
+            raise ValueError(f"preset engine: bucket {self.buckets[-1]} exceeds max_len {max_len}")
+        # prefill 512 tokens a pass: a re-prefill reads the weights once per chunk, and at 7B
+        # smaller chunks make it weight-bound (tools/plan.py --eval-rollout plans with this)
         scfg = sampler.sampling_config(temperature=preset.sampling.temperature,
-                                       top_p=preset.sampling.top_p, top_k=preset.sampling.top_k)
-        scfg.update(dict(sampling or {}))
+                                       top_p=preset.sampling.top_p, top_k=preset.sampling.top_k,
+                                       prefill_chunk=512)
+        scfg.update(sampling)
         self.graphdef, self.params = nnx.split(model)
         stop = lambda t: (int(tokenizer.token_to_id(t)),)  # noqa: E731
+        # decode writes rows that do not run to slot max_len, and a chunked re-prefill's last
+        # chunk may pass max_len by less than a chunk: that is all the scratch needed (rows a
+        # re-prefill does not serve are finished and write over their own slots)
+        chunk = int(scfg.prefill_chunk) or self.buckets[-1]
         self.static = sampler.Static(
-            max_len=max_len, scratch=max(self.buckets), window=1, tokens_per_frame=1,
+            max_len=max_len, scratch=chunk, window=1, tokens_per_frame=1,
             image_pad_id=int(self.cfg.image_token_id),
             stop_tool=(stop(release.TOOL_END),),
             stop_end=(stop(release.IM_END), stop("<|endoftext|>")),
@@ -150,8 +164,8 @@ class PresetEngine:
 
     def _visual_rows(self, inputs: render.ModelInputs, items: list[int]) -> jax.Array:
         """[n_tokens, hidden] visual embeddings of the listed items (in order; images first
-        numbered 0.., then the video as len(images)), encoded one item at a time (one compile
-        per grid shape)."""
+        numbered 0.., then the video as len(images)), encoded one image or one temporal group of
+        a video at a time (one compile per frame size)."""
         merge2 = self.cfg.vision.spatial_merge_size ** 2
         grids = [tuple(int(v) for v in g) for g in inputs.image_grid_thw]
         vgrids = [tuple(int(v) for v in g) for g in inputs.video_grid_thw]
@@ -164,8 +178,14 @@ class PresetEngine:
             else:
                 v = k - len(grids)
                 pv, g = inputs.pixel_values_videos[vstarts[v]:vstarts[v + 1]], vgrids[v]
-            out.append(self._vision(self.params, jnp.asarray(pv, jnp.float32), (g,)))
-            assert out[-1].shape[0] == int(np.prod(g)) // merge2
+            # one temporal group at a time: the tower attends within a group only (its window
+            # and full-attention blocks are per frame), so a video's groups encode alone, with
+            # the compile (and the activation memory) of one image of that size
+            t, hw = g[0], g[1] * g[2]
+            for j in range(t):
+                group = jnp.asarray(pv[j * hw:(j + 1) * hw], jnp.float32)
+                out.append(self._vision(self.params, group, ((1, g[1], g[2]),)))
+            assert sum(o.shape[0] for o in out[-t:]) == int(np.prod(g)) // merge2
         return jnp.concatenate(out) if out else jnp.zeros((0, self.cfg.text.hidden_size))
 
     # ----------------------------------------------------------------- one re-prefill
@@ -218,9 +238,6 @@ class PresetEngine:
                 continue
             s, ids, pos, nx, items, vi = parts[i]
             n = len(ids)
-            if s + n + 1 >= self.static.max_len:
-                raise ValueError(f"preset engine: row {i} needs {s + n} cache slots, more than "
-                                 f"max_len {self.static.max_len}")
             tokens[i, :n], positions[:, i, :n], length[i], nxt[i] = ids, pos, n, nx
             start[i], serve[i], vis_index[i, :n] = s, True, vi
             rows_vis = self._visual_rows(rows[i], items)
@@ -259,6 +276,9 @@ class PresetEngine:
         state = self._init(b, rng)
         cached = [np.zeros(0, np.int32)] * b
         serve = {i: self._render(rows[i], p.first_turn.generation_prompt) for i in range(b)}
+        for i in [i for i, v in serve.items() if v.input_ids.shape[1] + 1 >= self.static.max_len]:
+            rows[i].stop = "cache_full"
+            del serve[i]
         while serve:
             state = self._reprefill(state, serve, cached, b)
             t0 = time.perf_counter()
@@ -274,7 +294,10 @@ class PresetEngine:
                 ids = tokens[i, start:index[i]]
                 if self._after_turn(rows[i], ids, start, int(status[i]), i, script):
                     serve[i] = self._render(rows[i], True)
-                else:
+                    if serve[i].input_ids.shape[1] + 1 >= self.static.max_len:
+                        rows[i].stop = "cache_full"
+                        del serve[i]
+                if i not in serve:
                     done[i] = True
             if done.any():
                 state = self.finish_fn(state, jnp.asarray(done))

@@ -542,11 +542,18 @@ def reprefill(graphdef, params, state: RolloutState, seg: Segment, start: jax.Ar
     hidden] the segment's visual-token embeddings, computed by the vision tower outside;
     visual_index int32 [b, R] the row of `visual` each segment token takes (-1 = text token).
     Keys at or after `start` stop being visible (their slots are rewritten or unwritten).
+
+    Rows not served must be finished (DONE): they compute the padded segment too (static
+    shapes) and write it over their own slots from their cache_index on (clipped so the writes
+    fit), so the cache needs only `prefill_chunk` scratch slots, not a whole segment's.
     """
     model = nnx.merge(graphdef, params)
     slots = jnp.arange(st.size)[None]
     serve = seg.serve
-    start = jnp.where(serve, start, st.max_len)  # unserved rows write scratch
+    r = seg.tokens.shape[1]
+    c = st.prefill_chunk if 0 < st.prefill_chunk < r else r
+    pad_end = -(-r // c) * c  # the chunked prefill writes up to here past `start`
+    start = jnp.where(serve, start, jnp.clip(state.cache_index, 0, st.size - pad_end))
     length = jnp.where(serve, seg.length, 0)
     keep = ~serve[:, None] | (slots < start[:, None]) | (slots >= st.max_len)
     state = state.replace(written=state.written & keep)

@@ -24,13 +24,28 @@ overlap losses). Nothing is installed at run time.
 Exit status: 0 every program fits in HBM_BUDGET of a chip's HBM; 3 something does not (the plan
 says which knob to turn); 1 libtpu is not installed; 2 bad input (topology, config, override).
 `--only learner,decode` compiles a subset (each 7B compile takes minutes on a small CPU).
+
+The eval rollout of a published checkpoint on small runtimes (Colab's v2-8, v5e-1, v6e-1):
+
+    python -m vrthinker_jax.tools.plan --eval-rollout [--preset vr-thinker] [--size 7b] \
+        [--topology v2-8,v5e-1,v6e-1] [--video-size 480x832] [--turn-tokens 300] [--turns 4] \
+        [--rows mjbench_video=N] [--set sampling.prefill_chunk=512 ...] [--compile]
+
+walks one benchmark row through the preset's loop (prompt, turns, tool responses, the release's
+truncate-and-re-prefill memory rule), then per runtime finds the rows per engine call that fit
+(weights sharded by the sharding rules, KV cache, frame bank, the vision tower's and a prefill
+pass's activations) and the roofline time per row and per benchmark: a table. This is analytic
+(no libtpu needed); `--compile` also AOT-compiles the engine's inserts and decode at that batch
+(docs/colab_tpu_plan.md). Exit status 3 when a runtime does not fit.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -43,12 +58,29 @@ GIB = 1024**3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One TPU chip. hbm_bytes: HBM capacity; peak_flops: dense bf16 FLOP/s; hbm_bw: bytes/s."""
+    """One TPU chip. hbm_bytes: HBM capacity; peak_flops: dense bf16 FLOP/s; hbm_bw: bytes/s.
+
+    devices_per_chip: JAX devices the chip shows (2 for v2/v3, whose two TensorCores are
+    separate devices with half the chip's HBM each; 1 for megacore chips and v5e/v6e).
+    """
 
     name: str
     hbm_bytes: int
     peak_flops: float
     hbm_bw: float
+    devices_per_chip: int = 1
+
+    @property
+    def device_hbm_bytes(self) -> int:
+        return self.hbm_bytes // self.devices_per_chip
+
+    @property
+    def device_peak_flops(self) -> float:
+        return self.peak_flops / self.devices_per_chip
+
+    @property
+    def device_hbm_bw(self) -> float:
+        return self.hbm_bw / self.devices_per_chip
 
 
 # Per-chip numbers from Google Cloud's TPU system-architecture pages:
@@ -56,12 +88,18 @@ class Chip:
 #   v5e: https://cloud.google.com/tpu/docs/v5e  (16 GB HBM2, 197 bf16 TFLOP/s, 819 GB/s)
 #   v6e: https://cloud.google.com/tpu/docs/v6e  (32 GB HBM, 918 bf16 TFLOP/s, 1640 GB/s)
 #   v4:  https://cloud.google.com/tpu/docs/v4   (32 GiB HBM2, 275 bf16 TFLOP/s, 1228 GB/s)
+#   v2:  https://cloud.google.com/tpu/docs/v2 gives no numbers and points to Jouppi et al., "A
+#        Domain Specific Supercomputer for Training Deep Neural Networks" (CACM 2020,
+#        https://dl.acm.org/doi/pdf/10.1145/3360307): 16 GiB HBM, 46 bf16 TFLOP/s and 700 GB/s
+#        per chip; jax's own table (jax/_src/pallas/mosaic/tpu_info.py, TPU_V2) has 16e9 B,
+#        4.6e13 FLOP/s and 7.16e11 B/s per chip, split over its 2 TensorCores (8 GiB each).
 # HBM "GB" on those pages is GiB of usable memory as JAX reports it (v5e 16 GiB, v6e 32 GiB).
 CHIPS = {
     "v5p": Chip("v5p", 95 * GIB, 459e12, 2765e9),
     "v5e": Chip("v5e", 16 * GIB, 197e12, 819e9),
     "v6e": Chip("v6e", 32 * GIB, 918e12, 1640e9),
     "v4": Chip("v4", 32 * GIB, 275e12, 1228e9),
+    "v2": Chip("v2", 16 * GIB, 46e12, 700e9, devices_per_chip=2),
 }
 
 
@@ -69,14 +107,16 @@ CHIPS = {
 class Topology:
     """A named slice (Cloud TPU naming) -> jax topology string, slice count and chip type.
 
-    Cloud names count TensorCores for v4/v5p (2 per chip: v5p-64 = 32 chips) and chips for
-    v5e/v6e (v5e-256 = 256 chips).
+    Cloud names count TensorCores for v2/v4/v5p (2 per chip: v5p-64 = 32 chips, v2-8 = 4 chips)
+    and chips for v5e/v6e (v5e-256 = 256 chips). host_chips: libtpu's chips-per-host bounds
+    for slices smaller than its default host (a 1x1 slice); () = libtpu's default.
     """
 
     name: str
     jax_name: str  # `jax.experimental.topologies.get_topology_desc(topology_name=...)`
     num_slices: int
     chip: Chip
+    host_chips: tuple[int, ...] = ()
 
     @property
     def chips_per_slice(self) -> int:
@@ -85,6 +125,10 @@ class Topology:
     @property
     def num_chips(self) -> int:
         return self.chips_per_slice * self.num_slices
+
+    @property
+    def num_devices(self) -> int:
+        return self.num_chips * self.chip.devices_per_chip
 
 
 TOPOLOGIES = {
@@ -99,8 +143,14 @@ TOPOLOGIES = {
         Topology("2xv5e-256", "v5e:16x16", 2, CHIPS["v5e"]),  # multi-slice over DCN
         Topology("v6e-64", "v6e:8x8", 1, CHIPS["v6e"]),
         Topology("v6e-256", "v6e:16x16", 1, CHIPS["v6e"]),
+        # Colab's TPU runtimes: one v2-8 board (4 chips, 8 TensorCores = 8 JAX devices), one
+        # v5e chip, one v6e chip
+        Topology("v2-8", "v2:2x2", 1, CHIPS["v2"]),
+        Topology("v5e-1", "v5e:1x1", 1, CHIPS["v5e"], host_chips=(1, 1, 1)),
+        Topology("v6e-1", "v6e:1x1", 1, CHIPS["v6e"], host_chips=(1, 1, 1)),
     )
 }
+COLAB_RUNTIMES = ("v2-8", "v5e-1", "v6e-1")
 
 # the share of HBM a plan may use: XLA's estimate misses runtime buffers and fragmentation
 HBM_BUDGET = 0.85
@@ -462,6 +512,8 @@ def topology_devices(topo: Topology):
     from jax.experimental import topologies
 
     kw = {"num_slices": topo.num_slices} if topo.num_slices > 1 else {}
+    if topo.host_chips:  # libtpu's default host (2x2x1 chips) does not divide a 1x1 slice
+        kw["chips_per_host_bounds"] = list(topo.host_chips)
     return topologies.get_topology_desc(topology_name=topo.jax_name, platform="tpu", **kw).devices
 
 
@@ -544,10 +596,11 @@ def _step_plan(name, shape, compiled, analytic: dict, chip: Chip, n_chips: int, 
     return StepPlan(
         name=name, shape=shape, argument_bytes=m["argument"], output_bytes=m["output"],
         alias_bytes=m["alias"], temp_bytes=m["temp"], code_bytes=m["generated_code"],
-        hbm_bytes=chip.hbm_bytes, flops_compiled=float(cost.get("flops", 0.0)),
+        hbm_bytes=chip.device_hbm_bytes, flops_compiled=float(cost.get("flops", 0.0)),
         flops_analytic=analytic["expected"] / n_chips, flops_model=analytic["model"] / n_chips,
-        bytes_accessed=float(cost.get("bytes accessed", 0.0)), peak_flops=chip.peak_flops,
-        hbm_bw=chip.hbm_bw, compile_s=time.perf_counter() - t0, note=note,
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        peak_flops=chip.device_peak_flops, hbm_bw=chip.device_hbm_bw,
+        compile_s=time.perf_counter() - t0, note=note,
     )
 
 
@@ -643,16 +696,65 @@ def response_len_estimate(cfg, tokens_per_frame: int) -> int:
     return int(math.ceil((m * (tokens_per_frame + 16) + 256) / 16) * 16)
 
 
-def plan_rollout(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int,
-                 cache_dtype, programs=("prefill", "decode")) -> list[StepPlan]:
+def rollout_state_args(mesh, model_cfg, st, abs_params, batch: int, cache_dtype):
+    """(params, state) ShapeDtypeStructs laid out as the engine lays them out: every state array
+    split over the batch axes (the cache and positions at dim 1; the cache is not split over
+    kv heads), the key replicated; params by their logical axes."""
     import functools
 
     import jax
-    import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
     from vrthinker_jax import sharding
     from vrthinker_jax.models import model as model_lib
+    from vrthinker_jax.rollout import sampler
+
+    abs_st = jax.eval_shape(
+        lambda k: sampler.init_state(model_lib.init_cache, model_cfg, batch, st, k, cache_dtype),
+        jax.random.key(0))
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def bs(x, dim=0):
+        return sharding.batch_sharding(mesh, x.ndim, dim) if x.ndim else rep
+
+    st_sh = jax.tree.map(bs, abs_st)
+    st_sh = st_sh.replace(cache=jax.tree.map(functools.partial(bs, dim=1), abs_st.cache),
+                          positions=bs(abs_st.positions, 1), rng=rep)
+    return (_with_shardings(abs_params, sharding.state_shardings(abs_params, mesh)),
+            _with_shardings(abs_st, st_sh))
+
+
+def insert_args(mesh, *, batch: int, seg_len: int, frames: int, frame_size, bank_frames: int):
+    """(bank, segment) ShapeDtypeStructs of one `sampler.insert` call: a uint8 frame bank
+    [batch, bank_frames, H, W, 3] and a segment of seg_len tokens with `frames` frames per row,
+    split over the batch axes."""
+    import jax
+    import jax.numpy as jnp
+
+    from vrthinker_jax import sharding
+    from vrthinker_jax.rollout import sampler
+
+    b, r, nf = batch, seg_len, frames
+    h, w = (int(x) for x in frame_size)
+    sds = jax.ShapeDtypeStruct
+
+    def arr(shape, dtype, dim=0):
+        return sds(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), dim))
+
+    seg = sampler.Segment(
+        tokens=arr((b, r), jnp.int32), length=arr((b,), jnp.int32),
+        positions=arr((3, b, r), jnp.int32, 1), next_pos=arr((b,), jnp.int32),
+        frames=arr((b, nf), jnp.int32), frame_offsets=arr((b, nf), jnp.int32),
+        event_offset=arr((b,), jnp.int32), serve=arr((b,), jnp.bool_),
+    )
+    return arr((b, bank_frames, h, w, 3), jnp.uint8), seg
+
+
+def plan_rollout(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int,
+                 cache_dtype, programs=("prefill", "decode")) -> list[StepPlan]:
+    import jax.numpy as jnp
+
+    from vrthinker_jax import sharding
     from vrthinker_jax.rollout import sampler
 
     mcfg, pc = cfg.model, cfg.protocol
@@ -665,38 +767,12 @@ def plan_rollout(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int,
     tpf = sampler.frame_bank.PatchSpec.from_model_config(mcfg).tokens_per_frame(h, w)
     st = rollout_static(cfg, scratch=response_len_estimate(cfg, tpf))
     dec, ins, _ = sampler.compiled(st, graphdef)
-
-    # the engine's layout: every state array split over the batch axes (the cache and
-    # positions at dim 1), the key replicated; params by their logical axes
-    abs_st = jax.eval_shape(
-        lambda k: sampler.init_state(model_lib.init_cache, mcfg, b, st, k, cache_dtype),
-        jax.random.key(0))
-    rep = NamedSharding(mesh, PartitionSpec())
-
-    def bs(x, dim=0):
-        return sharding.batch_sharding(mesh, x.ndim, dim) if x.ndim else rep
-
-    st_sh = jax.tree.map(bs, abs_st)
-    st_sh = st_sh.replace(cache=jax.tree.map(functools.partial(bs, dim=1), abs_st.cache),
-                          positions=bs(abs_st.positions, 1), rng=rep)
-    state = _with_shardings(abs_st, st_sh)
-    params = _with_shardings(abs_params, sharding.state_shardings(abs_params, mesh))
+    params, state = rollout_state_args(mesh, mcfg, st, abs_params, b, cache_dtype)
     total = 2 * int(pc.num_candidates)
-    sds = jax.ShapeDtypeStruct
-    bank = sds((b, total, h, w, 3), jnp.uint8,
-               sharding=sharding.batch_sharding(mesh, 5))
     r = max(int(x) for x in cfg.sampling.prompt_buckets)
     nf = 2 * int(pc.num_initial_frames)
-
-    def seg_arr(shape, dtype, dim=0):
-        return sds(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), dim))
-
-    seg = sampler.Segment(
-        tokens=seg_arr((b, r), jnp.int32), length=seg_arr((b,), jnp.int32),
-        positions=seg_arr((3, b, r), jnp.int32, 1), next_pos=seg_arr((b,), jnp.int32),
-        frames=seg_arr((b, nf), jnp.int32), frame_offsets=seg_arr((b, nf), jnp.int32),
-        event_offset=seg_arr((b,), jnp.int32), serve=seg_arr((b,), jnp.bool_),
-    )
+    bank, seg = insert_args(mesh, batch=b, seg_len=r, frames=nf, frame_size=(h, w),
+                            bank_frames=total)
     kv = st.size
     cache_gib = kv_cache_bytes(mcfg, batch=b, slots=kv,
                                dtype_bytes=jnp.dtype(cache_dtype).itemsize) / GIB
@@ -792,14 +868,684 @@ def make_plan(cfg, topo: Topology, *, cache_dtype: str = "float32",
     return header, plans, suggestions(plans, ctx)
 
 
+# --------------------------------------------------------------------------- eval rollout
+#
+# `--eval-rollout`: which runtime holds a published checkpoint's benchmark rollout, with how many
+# rows per engine call, and how long a benchmark takes at the roofline. It costs one planned
+# trajectory (every row of a batch alike) with the analytic model below; `--compile` also
+# AOT-compiles the engine's insert and decode at that batch (needs libtpu).
+
+
+# Rows per benchmark. ../shared/spec/vrthinker-protocol.md gives none: these are the dataset
+# cards' counts (approximate; set `--rows NAME=N` to your files'). 0 = unknown: the plan then
+# gives the time per 1000 rows.
+#   videogen_rewardbench: "26.5k (prompt, Video A, Video B) triplets",
+#     https://huggingface.co/datasets/KwaiVGI/VideoGen-RewardBench (README)
+#   genai_bench_video: "1069 votes for video generation",
+#     https://huggingface.co/datasets/TIGER-Lab/GenAI-Bench (README; its viewer lists 2.98k
+#     video_generation rows over the test and test_v1 splits)
+#   mjbench_video: no count found (https://huggingface.co/datasets/MJ-Bench/MJ-BENCH-VIDEO)
+BENCHMARK_ROWS = {"videogen_rewardbench": 26500, "genai_bench_video": 1069, "mjbench_video": 0}
+BENCHMARK_NAMES = {"videogen_rewardbench": "VideoGen-RewardBench",
+                   "genai_bench_video": "GenAI-Bench video", "mjbench_video": "MJ-Bench-Video"}
+
+# Planning assumptions for one eval row under a published checkpoint's preset: what the row
+# looks like beyond what the preset fixes (its frames, budgets and pixel budgets are read from
+# `vrthinker_jax/presets/<name>.toml` by `eval_trajectory_config`). Text token counts are
+# estimates until measured with the checkpoint's tokenizer; they are small next to the visual
+# tokens.
+EVAL_ASSUMPTIONS = dict(
+    video_size=(480, 832),  # native H x W of a benchmark video (--video-size)
+    # native H x W of a selected frame; (0, 0) = the video's (eval passes the decoded frames,
+    # E:2566, so they have the video's size)
+    image_size=(0, 0),
+    turns=4,  # assistant turns of the planned trajectory: 3 calls + the answer (--turns)
+    gen_tokens_per_turn=300,  # generated tokens per turn, planned (--turn-tokens)
+    # "You are a helpful assistant." + qwen-agent's Nous tools block with the select_frames
+    # schema (E:1237-1262) + the chat template's markers: estimate
+    system_tokens=310,
+    instruction_tokens=350,  # the card's task text after the video item: estimate
+    # "\nAfter selecting frames: Here are the selected frames" (E:2584-2588): estimate
+    response_text_tokens=12,
+    message_tokens=5,  # chat-template markers per message: <|im_start|>role\n <|im_end|>\n
+    vision_marker_tokens=2,  # <|vision_start|> and <|vision_end|> around each item
+)
+
+
+def eval_trajectory_config(preset_name: str) -> dict:
+    """The planned row's facts: the preset's frames, budgets and pixel budgets, plus
+    EVAL_ASSUMPTIONS."""
+    from vrthinker_jax.rollout import presets
+
+    p = presets.load(preset_name)
+    if not isinstance(p, presets.Preset):
+        raise PlanError(f"--preset {preset_name}: the eval-rollout plan is for a published "
+                        "checkpoint's preset (engine = release)")
+    return dict(
+        EVAL_ASSUMPTIONS,
+        video_frames=p.num_initial,  # the first turn's video item
+        # the initial frames' budget (the data loader's smart_resize); the processor's own
+        # video budget comes after it
+        video_min_pixels=p.pixels.initial_min_pixels,
+        video_max_pixels=min(p.pixels.initial_max_pixels, p.pixels.video_max_pixels),
+        image_min_pixels=p.pixels.image_min_pixels,  # a selected frame's budget
+        image_max_pixels=p.pixels.image_max_pixels,
+        num_candidates=p.total_candidates,  # frames a call can select, both videos
+        frames_per_call=p.frames.max_per_call,  # images per tool response at most
+        max_tool_calls=p.budget.max_tool_calls,
+        max_turn_tokens=p.budget.max_new_tokens,  # new tokens per assistant turn at most
+        token_cap=p.budget.max_total_tokens,  # a row stops once prompt + turn exceed this
+    )
+
+
+# The rollout state's bytes per cache slot besides the KV cache (`sampler.RolloutState`):
+# written (bool), visible_until (int32), tokens (int32), kind (int8), logp (float32) and
+# positions (3 x int32).
+STATE_BYTES_PER_SLOT = 1 + 4 + 4 + 1 + 4 + 3 * 4
+RELEASE_KV_SLOTS = 12 * 1024  # the release's per-row cap (12 * 1024 - 200 tokens) rounded up
+DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
+
+
+def eval_rollout_config(size: str = "7b", preset: str = "vr-thinker"):
+    """The eval rollout the planner costs: rows of a published checkpoint's protocol run by the
+    engine with bf16 weights and a bf16 KV cache. Every knob can be changed with --set."""
+    import ml_collections
+
+    from vrthinker_jax.models import config as model_config
+
+    try:
+        facts = eval_trajectory_config(preset)
+    except ValueError as e:  # presets.PresetError names the file
+        raise PlanError(f"--preset: {e}") from None
+    try:
+        model = model_config.get_config(size)
+    except ValueError as e:
+        raise PlanError(f"--size: {e}") from None
+    model.dtype = model.param_dtype = "bfloat16"  # an eval holds bf16 weights (16.6 GB at 7B)
+    model.scan_layers = True  # one compiled decoder layer: compile time only
+    c = ml_collections.ConfigDict()
+    c.size, c.preset, c.model = size, preset, model
+    c.trajectory = ml_collections.ConfigDict(facts)
+    c.sampling = ml_collections.ConfigDict(dict(
+        # KV slots per row; 0 = the release's 12288 or the planned trajectory's need if larger
+        kv_slots=0,
+        cache_dtype="bfloat16",
+        # inserts prefill this many tokens per pass (`sampling_config.prefill_chunk`): bounds
+        # the decoder's activations and skips a static segment's padding; each pass re-reads
+        # the weights (0 = one pass over the padded segment)
+        prefill_chunk=512,
+        # frames (images or a video's temporal groups) the vision tower encodes per pass: the
+        # preset engine encodes one at a time (`preset_engine._visual_rows`); 0 = all of an
+        # insert's frames at once (the project engine's insert)
+        vision_frames_per_pass=1,
+        prompt_multiple=256,  # the first prompt is padded to a multiple of this (its bucket)
+        response_multiple=64,  # a re-prefill's static length is a multiple of this
+    ))
+    # mesh axis sizes; all 0 = tensor parallel over min(devices, kv heads), data for the rest
+    c.mesh = ml_collections.ConfigDict(dict(data=0, fsdp=0, tensor=0))
+    c.benchmarks = ml_collections.ConfigDict(dict(BENCHMARK_ROWS))
+    c.max_rows = 256  # the largest batch the search tries
+    return c
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-int(x) // int(m)) * int(m)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefill:
+    """One insert of a row: `tokens` real tokens prefilled from cache slot `start` (padded by the
+    engine to the static length `static`), with `groups` vision-tower frames of `hw` pixels (the
+    video's temporal groups, or images)."""
+
+    name: str
+    tokens: int
+    static: int
+    start: int
+    groups: int
+    hw: tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Trajectory:
+    """The token accounting of one planned eval row.
+
+    decodes: (cache length before the turn, tokens generated) per assistant turn; peak: the
+    most cache slots the row fills; bank_frames: candidate frames the row's frame bank holds."""
+
+    video_hw: tuple[int, int]
+    image_hw: tuple[int, int]
+    video_tokens: int
+    image_tokens: int
+    prefills: tuple[Prefill, ...]
+    decodes: tuple[tuple[int, int], ...]
+    tool_calls: int
+    peak: int
+    stop: str
+    bank_frames: int
+    chunk: int = 512  # the engine's prefill chunk (sampling.prefill_chunk)
+
+    @property
+    def generated(self) -> int:
+        return sum(g for _, g in self.decodes)
+
+    @property
+    def scratch(self) -> int:
+        """Extra cache slots per row past max_len: the preset engine's is one prefill chunk
+        (rows a re-prefill does not serve are finished and write over their own slots)."""
+        return self.chunk
+
+
+def frame_sizes(tc, factor: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(video frame, selected image) sizes in pixels after Qwen's smart_resize with the
+    preset's budgets (multiples of `factor` = patch x merge)."""
+    from data_pipelines.processor import smart_resize
+
+    vh, vw = (int(x) for x in tc.video_size)
+    ih, iw = (int(x) for x in tc.image_size) if any(tc.image_size) else (vh, vw)
+    return (smart_resize(vh, vw, factor, tc.video_min_pixels, tc.video_max_pixels),
+            smart_resize(ih, iw, factor, tc.image_min_pixels, tc.image_max_pixels))
+
+
+def eval_trajectory(tc, patch, *, prompt_multiple: int = 256,
+                    response_multiple: int = 64, chunk: int = 512) -> Trajectory:
+    """Walks one row through the release's loop with `tc.turns` turns of
+    `tc.gen_tokens_per_turn` tokens (tc: `eval_rollout_config().trajectory`; patch:
+    `frame_bank.PatchSpec`).
+
+    The first prompt (system + tools, the video item of video_frames / temporal_patch groups,
+    the task text) is prefilled whole. After each turn that calls the tool (E:2515: unless
+    prompt + turn exceed token_cap, or the turn is the last), the response's images arrive and
+    the previous response loses its images, which moves every later token: the engine truncates
+    the cache at the first removed token (the rewritten model turn, for the first response) and
+    prefills the rest again: the model's turn + the new response.
+    """
+    f = patch.patch_size * patch.merge_size
+    (vh, vw), (ih, iw) = frame_sizes(tc, f)
+    groups = -(-int(tc.video_frames) // patch.temporal_patch_size)
+    vtok, itok = groups * (vh // f) * (vw // f), (ih // f) * (iw // f)
+    m, mark, n = int(tc.message_tokens), int(tc.vision_marker_tokens), int(tc.frames_per_call)
+    g, turns, text = int(tc.gen_tokens_per_turn), int(tc.turns), int(tc.response_text_tokens)
+    if not 1 <= turns <= int(tc.max_tool_calls) + 1:
+        raise PlanError(f"trajectory.turns={turns}: expected 1..max_tool_calls + 1 = "
+                        f"{int(tc.max_tool_calls) + 1}")
+    if not 0 < g <= int(tc.max_turn_tokens):
+        raise PlanError(f"trajectory.gen_tokens_per_turn={g}: expected 1..max_turn_tokens = "
+                        f"{tc.max_turn_tokens}")
+    prompt = int(tc.system_tokens) + 2 * m + mark + vtok + int(tc.instruction_tokens)
+    images = n * (itok + mark)
+    response = m + text + images
+    re_static = _round_up(int(tc.max_turn_tokens) + response, response_multiple)
+    prefills = [Prefill("prompt", prompt, _round_up(prompt, prompt_multiple), 0, groups,
+                        (vh, vw))]
+    decodes, length, resp_at, stop = [], prompt, None, ""
+    for turn in range(1, turns + 1):
+        decodes.append((length, g))
+        length += g
+        if turn == turns:
+            stop = f"answers in turn {turn}"
+            break
+        if length > int(tc.token_cap):
+            stop = f"stopped by the token cap ({tc.token_cap}) after turn {turn}"
+            break
+        # the rewritten model turn (first response) or the previous response's first image
+        start = length - g if resp_at is None else resp_at + m + text
+        new = length + response - (0 if resp_at is None else images)
+        prefills.append(Prefill(f"re-prefill {turn}", new - start, re_static, start, n,
+                                (ih, iw)))
+        resp_at, length = new - response, new
+    return Trajectory((vh, vw), (ih, iw), vtok, itok, tuple(prefills), tuple(decodes),
+                      len(prefills) - 1, length, stop, int(tc.num_candidates), int(chunk))
+
+
+def resolve_kv_slots(sc, traj: Trajectory) -> int:
+    """The KV slots per row: sampling.kv_slots, or (0) the release's 12288 raised to the planned
+    trajectory's need."""
+    if int(sc.kv_slots):
+        if int(sc.kv_slots) < traj.peak:
+            raise PlanError(f"sampling.kv_slots={sc.kv_slots} cannot hold the planned row's "
+                            f"{traj.peak} tokens; raise it or plan a smaller --video-size")
+        return int(sc.kv_slots)
+    return max(RELEASE_KV_SLOTS, _round_up(traj.peak, 256))
+
+
+def eval_mesh(mesh_cfg, model_cfg, n_devices: int) -> dict[str, int]:
+    """{'data', 'fsdp', 'tensor'} sizes for a runtime of n_devices: the config's when set, else
+    tensor = the largest of 8, 4, 2, 1 dividing the devices and the text model's heads and kv
+    heads, data = the rest (fsdp would re-gather the weights every decode step)."""
+    sizes = {k: int(v) for k, v in dict(mesh_cfg).items()}
+    if not any(sizes.values()):
+        t = model_cfg.text
+        tp = next(x for x in (8, 4, 2, 1) if not n_devices % x and not t.num_key_value_heads % x
+                  and not t.num_attention_heads % x)
+        sizes = {"data": n_devices // tp, "fsdp": 1, "tensor": tp}
+    if math.prod(max(v, 1) for v in sizes.values()) != n_devices:
+        raise PlanError(f"mesh {sizes} does not cover the runtime's {n_devices} devices")
+    return {k: max(v, 1) for k, v in sizes.items()}
+
+
+def param_bytes_per_device(abs_params, mesh_shape: dict) -> dict[str, int]:
+    """Bytes of params one device holds under the sharding rules (the engine's layout,
+    `sharding.state_shardings`) on a mesh of `mesh_shape` sizes: {'all', 'vision' (the vision
+    tower), 'embed' (the token embedding, of which decoding gathers a few rows only)}.
+    abs_params: an nnx.State of ShapeDtypeStructs (`nnx.eval_shape`)."""
+    import jax
+    from jax.sharding import AbstractMesh
+
+    from vrthinker_jax import sharding
+
+    amesh = AbstractMesh(tuple(mesh_shape[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
+    shards = jax.tree.leaves(sharding.state_shardings(abs_params, amesh))
+    leaves = jax.tree_util.tree_flatten_with_path(abs_params)[0]
+    out = {"all": 0, "vision": 0, "embed": 0}
+    for (path, x), sh in zip(leaves, shards, strict=True):
+        n = math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
+        name = jax.tree_util.keystr(path)
+        out["all"] += n
+        out["vision"] += n if "visual" in name else 0
+        out["embed"] += n if "embed_tokens" in name else 0
+    return out
+
+
+def insert_activation_bytes(model_cfg, p: Prefill, *, rows: int, tensor: int, prefill_chunk: int,
+                            kv_size: int, frames_per_pass: int = 0) -> dict[str, int]:
+    """Peak activation bytes of one insert on one device holding `rows` rows, bf16 compute:
+
+    * 'vision': the vision tower over all the insert's frames at once (the engine encodes them in
+      one chunk; `frames_per_pass` > 0 = that many at a time): a full-attention block's float32
+      scores [frames, heads, P, P] over a frame's P patches dominate, plus float32 pixel
+      patches, residual copies and the MLP;
+    * 'decoder': the segment's embeddings [rows, static + visual tokens, hidden] and one
+      prefill pass (`prefill_chunk` tokens) of a layer: MLP, residual copies, float32 scores of
+      `attn_query_chunk` queries over the kv_size-slot cache, logits.
+    Only the float32 scores count: XLA fuses the softmax's normalisation into the matmul with V
+    (AOT, v6e-1, 2 rows x 8 frames of 476x840: 5.19 GiB of temporaries, 5.04 GiB modeled).
+    Heads, MLP widths split over `tensor` where they divide it.
+    """
+    v, t = model_cfg.vision, model_cfg.text
+    bf = 2
+    patches = vision_patches_per_frame(model_cfg, p.hw)
+    frames = rows * p.groups
+    frames = min(frames, frames_per_pass) if frames_per_pass else frames
+    vs = tensor if v.num_heads % tensor == 0 else 1
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    vision = frames * (v.num_heads // vs * patches * patches * 4
+                       + patches * (4 * patch_dim + 4 * v.hidden_size * bf
+                                    + 3 * v.intermediate_size * bf // vs))
+    c = prefill_chunk if 0 < prefill_chunk < p.static else p.static
+    q = int(model_cfg.get("attn_query_chunk", 0) or 0)
+    q = min(q, c) if q > 0 else c
+    ts = tensor if t.num_attention_heads % tensor == 0 else 1
+    visual_tokens = p.groups * patches // v.spatial_merge_size ** 2
+    decoder = rows * ((p.static + visual_tokens) * t.hidden_size * bf
+                      + c * (4 * t.hidden_size * bf + 3 * t.intermediate_size * bf // ts)
+                      + t.num_attention_heads // ts * q * kv_size * 4
+                      + t.vocab_size * 4)
+    return {"vision": vision, "decoder": decoder}
+
+
+def eval_memory(model_cfg, traj: Trajectory, *, rows: int, mesh: dict, params: dict,
+                kv_slots: int, sc, frames_per_pass: int | None = None) -> dict[str, int]:
+    """Per-device bytes of the eval rollout at `rows` rows per engine call (split over the
+    batch axes data x fsdp; the cache, state and bank are not split over tensor, as the engine
+    lays them out): persistent params, KV cache (kv_slots + scratch slots per row), rollout
+    state and frame bank, plus the largest transient of an insert's vision tower, an insert's
+    decoder pass, or a decode step. 'total' is what must fit. frames_per_pass: the vision
+    tower's (default: sampling.vision_frames_per_pass)."""
+    t = model_cfg.text
+    if frames_per_pass is None:
+        frames_per_pass = int(sc.vision_frames_per_pass)
+    r = rows // (mesh["data"] * mesh["fsdp"])
+    size = kv_slots + traj.scratch
+    mem = {
+        "params": params["all"],
+        "kv cache": kv_cache_bytes(model_cfg, batch=r, slots=size,
+                                   dtype_bytes=DTYPE_BYTES[sc.cache_dtype]),
+        "rollout state": r * (size * STATE_BYTES_PER_SLOT + t.vocab_size * 4),
+        # the preset engine keeps a row's candidate frames on the host (it encodes the
+        # visual items each re-prefill needs there), so no frame bank sits on the device
+        "frame bank": 0,
+    }
+    acts = [insert_activation_bytes(model_cfg, p, rows=r, tensor=mesh["tensor"],
+                                    prefill_chunk=int(sc.prefill_chunk), kv_size=size,
+                                    frames_per_pass=frames_per_pass) for p in traj.prefills]
+    ts = mesh["tensor"] if t.num_attention_heads % mesh["tensor"] == 0 else 1
+    mem["vision tower"] = max(a["vision"] for a in acts)
+    mem["prefill pass"] = max(a["decoder"] for a in acts)
+    mem["decode step"] = r * (3 * t.vocab_size * 4 + t.num_attention_heads // ts * size * 4)
+    mem["total"] = (sum(mem[k] for k in ("params", "kv cache", "rollout state", "frame bank"))
+                    + max(mem["vision tower"], mem["prefill pass"], mem["decode step"]))
+    return mem
+
+
+def _roofline_s(flops: float, nbytes: float, chip: Chip) -> tuple[float, str]:
+    """(seconds, bound) of per-device work at the chip's peak FLOP/s and HBM bandwidth."""
+    tc, tm = flops / chip.device_peak_flops, nbytes / chip.device_hbm_bw
+    return max(tc, tm), ("compute" if tc >= tm else "memory")
+
+
+def eval_call_seconds(model_cfg, traj: Trajectory, *, rows: int, topo: Topology, mesh: dict,
+                      params: dict, sc) -> dict[str, tuple[float, str]]:
+    """Roofline (seconds, bound) per phase of one engine call of `rows` rows that all follow
+    `traj`: each insert (FLOPs of the tokens it computes; bytes: the weights once per prefill
+    pass, the cache prefix once per query chunk) and all decode steps (each reads the text
+    weights and every row's cache prefix). Work splits evenly over the devices; no
+    communication, no overlap losses: a lower bound on time."""
+    n_dev, chip = topo.num_devices, topo.chip
+    r = rows / (mesh["data"] * mesh["fsdp"])
+    kvs = mesh["tensor"] if model_cfg.text.num_key_value_heads % mesh["tensor"] == 0 else 1
+    slot = kv_cache_bytes(model_cfg, batch=1, slots=1,
+                          dtype_bytes=DTYPE_BYTES[sc.cache_dtype]) / kvs
+    c, q = int(sc.prefill_chunk), int(model_cfg.get("attn_query_chunk", 0) or 0)
+    out = {}
+    for p in traj.prefills:
+        chunked = 0 < c < p.static
+        tokens = min(_round_up(p.tokens, c), p.static) if chunked else p.static
+        kv = p.start + (tokens / 2 if chunked else p.static)
+        flops = prefill_flops(model_cfg, batch=rows, seg_len=tokens, kv_len=kv,
+                              frames=p.groups, frame_size=p.hw)["model"] / n_dev
+        passes = -(-tokens // c) if chunked else 1
+        trips = -(-tokens // q) if 0 < q < tokens else 1
+        # the decoder's weights once per prefill pass, the vision tower's once per frame pass
+        fpp = int(sc.vision_frames_per_pass)
+        vision_passes = -(-int(r * p.groups) // fpp) if fpp else 1
+        nbytes = (passes * (params["all"] - params["embed"] - params["vision"])
+                  + vision_passes * params["vision"] + r * slot * (trips * kv + tokens))
+        out[p.name] = _roofline_s(flops, nbytes, chip)
+    total, bound = 0.0, "memory"
+    for start, g in traj.decodes:
+        kv = start + g / 2
+        flops = g * decode_flops(model_cfg, batch=rows, kv_len=kv)["model"] / n_dev
+        nbytes = g * (params["all"] - params["vision"] - params["embed"] + r * slot * kv)
+        s, bound = _roofline_s(flops, nbytes, chip)
+        total += s
+    out["decode"] = (total, bound)
+    return out
+
+
+@dataclasses.dataclass
+class EvalPlan:
+    """One runtime's answer for the eval rollout.
+
+    rows: rows per engine call that fit in HBM_BUDGET of a device's HBM (0 = not one batch);
+    memory: per-device bytes at `rows` (at the smallest batch when none fits); phases:
+    roofline (seconds, bound) per phase of one call."""
+
+    topology: Topology
+    mesh: dict
+    rows: int
+    memory: dict
+    phases: dict
+    notes: list
+    compiled: list = dataclasses.field(default_factory=list)
+
+    @property
+    def budget(self) -> float:
+        return HBM_BUDGET * self.topology.chip.device_hbm_bytes
+
+    @property
+    def call_s(self) -> float:
+        return sum(s for s, _ in self.phases.values())
+
+    @property
+    def row_s(self) -> float:
+        return self.call_s / self.rows if self.rows else float("inf")
+
+    def benchmark_s(self, n: int) -> float:
+        return math.ceil(n / self.rows) * self.call_s if self.rows else float("inf")
+
+
+def max_eval_rows(fits, multiple: int, limit: int) -> int:
+    """The largest multiple of `multiple` up to `limit` rows for which fits(rows) holds (memory
+    grows with rows), 0 when even `multiple` rows do not fit."""
+    best = 0
+    for rows in range(multiple, limit + 1, multiple):
+        if not fits(rows):
+            break
+        best = rows
+    return best
+
+
+def plan_eval_runtime(cfg, topo: Topology, traj: Trajectory, abs_params) -> EvalPlan:
+    """The batch that fits `topo` and its roofline time (analytic; no libtpu needed)."""
+    mcfg, sc = cfg.model, cfg.sampling
+    mesh = eval_mesh(cfg.mesh, mcfg, topo.num_devices)
+    params = param_bytes_per_device(abs_params, mesh)
+    kv = resolve_kv_slots(sc, traj)
+    budget = HBM_BUDGET * topo.chip.device_hbm_bytes
+    multiple = mesh["data"] * mesh["fsdp"]
+
+    def memory(rows, frames_per_pass=None):
+        return eval_memory(mcfg, traj, rows=rows, mesh=mesh, params=params, kv_slots=kv, sc=sc,
+                           frames_per_pass=frames_per_pass)
+
+    rows = max_eval_rows(lambda b: memory(b)["total"] <= budget, multiple, int(cfg.max_rows))
+    mem = memory(rows or multiple)
+    phases = (eval_call_seconds(mcfg, traj, rows=rows, topo=topo, mesh=mesh, params=params,
+                                sc=sc) if rows else {})
+    plan = EvalPlan(topo, mesh, rows, mem, phases, [])
+    plan.notes = eval_notes(plan, cfg, traj, kv, lambda b: memory(b, frames_per_pass=1))
+    return plan
+
+
+def eval_notes(plan: EvalPlan, cfg, traj: Trajectory, kv: int, memory_one_frame) -> list[str]:
+    """Why a runtime does not fit, what limits its batch, and what would raise it."""
+    mem, budget, notes = plan.memory, plan.budget, []
+    multiple = plan.mesh["data"] * plan.mesh["fsdp"]
+    if mem["params"] > budget:
+        notes.append(f"bf16 weights alone are {mem['params'] / GIB:.2f} GiB per device, over the "
+                     f"{budget / GIB:.2f} GiB budget ({int(HBM_BUDGET * 100)}% of "
+                     f"{plan.topology.chip.device_hbm_bytes / GIB:.0f} GiB)")
+    elif not plan.rows:
+        notes.append(f"a batch of {_rows(multiple)} needs {mem['total'] / GIB:.2f} GiB per "
+                     f"device, over the {budget / GIB:.2f} GiB budget")
+    transient = max(mem["vision tower"], mem["prefill pass"], mem["decode step"])
+    if int(cfg.sampling.vision_frames_per_pass) not in (0, 1):
+        notes.append(f"what-if: the vision tower encodes {cfg.sampling.vision_frames_per_pass} "
+                     "frame(s) per pass; the preset engine encodes one at a time")
+    elif (not int(cfg.sampling.vision_frames_per_pass) and mem["params"] <= budget
+          and mem["vision tower"] == transient):
+        rows = max_eval_rows(lambda b: memory_one_frame(b)["total"] <= budget, multiple,
+                             int(cfg.max_rows))
+        notes.append(
+            f"the vision tower's full-attention blocks over all of an insert's frames at once "
+            f"({mem['vision tower'] / GIB:.2f} GiB at {_rows(plan.rows or multiple)}) limit the "
+            f"batch; encoding one item at a time (as the preset engine does) would "
+            + (f"allow {_rows(rows)}" if rows else "still not fit a batch"))
+    if plan.mesh["fsdp"] > 1:
+        gathered = mem["params"] * (plan.mesh["fsdp"] - 1)
+        notes.append(f"fsdp {plan.mesh['fsdp']}: every decode step all-gathers "
+                     f"{gathered / 1e9:.1f} GB of weights per device over ICI, which this "
+                     "roofline does not count (tensor parallelism moves only activations)")
+    if kv > RELEASE_KV_SLOTS:
+        notes.append(f"the planned row fills {traj.peak} cache slots, more than the release's "
+                     f"{RELEASE_KV_SLOTS}: the cache has {kv} slots per row")
+    per_row = mem["kv cache"] / max(plan.rows or multiple, 1) * multiple
+    notes.append(f"KV cache {kv} + {traj.scratch} scratch slots per row (scratch: one prefill "
+                 f"chunk; rows a re-prefill does not serve write over their own slots), "
+                 f"{per_row / GIB:.2f} GiB per row")
+    return notes
+
+
+def compile_eval(cfg, plan: EvalPlan, traj: Trajectory, graphdef, abs_params) -> list[StepPlan]:
+    """AOT-compiles (libtpu) the engine's programs for `plan`'s runtime at its batch: the prompt
+    insert (the video's temporal groups as frames: the same vision-tower shapes), a re-prefill
+    insert (frames_per_call images) and decode. Raises PlanError when XLA finds the program
+    too large for HBM. FLOPs are XLA's for one prefill pass (+ the vision tower) or one decode
+    step: the engine's loops run their bodies several times."""
+    import jax.numpy as jnp
+
+    from vrthinker_jax import sharding
+    from vrthinker_jax.rollout import frame_bank, sampler
+
+    mcfg, sc, tc, topo = cfg.model, cfg.sampling, cfg.trajectory, plan.topology
+    mesh = sharding.make_mesh(plan.mesh, devices=topology_devices(topo))
+    b = plan.rows or plan.mesh["data"] * plan.mesh["fsdp"]
+    kv = resolve_kv_slots(sc, traj)
+    st = sampler.Static(
+        max_len=kv, scratch=traj.scratch, window=int(tc.frames_per_call),
+        tokens_per_frame=traj.image_tokens, image_pad_id=int(mcfg.image_token_id),
+        stop_tool=((1,),), stop_end=((2,), (3,)), temperature=0.0, top_k=0, top_p=1.0,
+        max_new_tokens=RELEASE_KV_SLOTS, max_turn_tokens=int(tc.max_turn_tokens),
+        patch=frame_bank.PatchSpec.from_model_config(mcfg),
+        kv_buckets=int(sampler.sampling_config().insert_kv_buckets),
+        prefill_chunk=int(sc.prefill_chunk))
+    dec, ins, _ = sampler.compiled(st, graphdef)
+    params, state = rollout_state_args(mesh, mcfg, st, abs_params, b,
+                                       jnp.dtype(sc.cache_dtype))
+    n, out, one = topo.num_devices, [], 1 if mcfg.scan_layers else None
+    for p in traj.prefills[:2]:
+        bank, seg = insert_args(mesh, batch=b, seg_len=p.static, frames=p.groups,
+                                frame_size=p.hw, bank_frames=traj.bank_frames)
+        c = int(sc.prefill_chunk) if 0 < int(sc.prefill_chunk) < p.static else p.static
+        kw = dict(batch=b, seg_len=c, kv_len=st.size, frames=p.groups, frame_size=p.hw)
+        name = "prompt insert" if p.name == "prompt" else "re-prefill insert"
+        t0 = time.perf_counter()
+        compiled = compile_or_explain(ins.lower(params, state, bank, seg), name, "rollout")
+        out.append(_step_plan(
+            name, f"{b} x {p.static} tok, {p.groups} frames {p.hw[0]}x{p.hw[1]}; KV {st.size}",
+            compiled, prefill_flops(mcfg, **kw), topo.chip, n, t0,
+            counted=prefill_flops(mcfg, layers=one, attn_trips=attention_trips(mcfg, c), **kw),
+            note=f"sampler.insert; FLOPs of one {c}-token prefill pass + the vision tower"))
+    t0 = time.perf_counter()
+    compiled = compile_or_explain(dec.lower(params, state), "decode", "rollout")
+    out.append(_step_plan("decode", f"{b} rows x 1 tok; KV {st.size}", compiled,
+                          decode_flops(mcfg, batch=b, kv_len=st.size), topo.chip, n, t0,
+                          counted=decode_flops(mcfg, batch=b, kv_len=st.size, layers=one),
+                          note="sampler.decode; FLOPs of one step"))
+    return out
+
+
+def _rows(n: int) -> str:
+    return f"{n} row{'' if n == 1 else 's'}"
+
+
+def _duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "-"
+    if s < 1:
+        return f"{s * 1e3:.0f} ms"
+    if s < 120:
+        return f"{s:.1f} s"
+    return f"{s / 60:.1f} min" if s < 2 * 3600 else f"{s / 3600:.1f} h"
+
+
+def eval_table(plans: list[EvalPlan], benchmarks: dict) -> str:
+    """The answer table: runtime | fits? | max rows per batch | GiB per device | time per row |
+    one column per benchmark (unknown row counts: time per 1000 rows)."""
+    cols = ["runtime", "fits?", "max rows per batch", "GiB per device (used / budget)",
+            "time per row"]
+    cols += [f"{BENCHMARK_NAMES.get(k, k)} ({int(n):,} rows)" if int(n) else
+             f"{BENCHMARK_NAMES.get(k, k)} (per 1,000 rows; count unknown)"
+             for k, n in benchmarks.items()]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for p in plans:
+        t, mesh = p.topology, ", ".join(f"{k} {v}" for k, v in p.mesh.items() if v > 1)
+        devices = f"{t.num_devices} device{'s' if t.num_devices > 1 else ''}"
+        where = f"{t.name} ({devices}{': ' + mesh if mesh else ''})"
+        cells = [where, "yes" if p.rows else "**no**", str(p.rows),
+                 f"{p.memory['total'] / GIB:.1f} / {p.budget / GIB:.1f}", _duration(p.row_s)]
+        cells += [_duration(p.benchmark_s(int(n) or 1000)) for n in benchmarks.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_eval_markdown(cfg, traj: Trajectory, plans: list[EvalPlan], source: str) -> str:
+    tc, sc, mcfg = cfg.trajectory, cfg.sampling, cfg.model
+    kv = resolve_kv_slots(sc, traj)
+    (vh, vw), (ih, iw) = traj.video_hw, traj.image_hw
+    re = traj.prefills[1:]
+    # the table's benchmark columns in BENCHMARK_ROWS' order (a ConfigDict sorts its keys)
+    ordered = {k: cfg.benchmarks[k] for k in [*BENCHMARK_ROWS, *sorted(cfg.benchmarks)]
+               if k in cfg.benchmarks}
+    lines = [f"## Eval rollout: `{cfg.preset}` preset, {cfg.size}, videos "
+             f"{tc.video_size[0]}x{tc.video_size[1]}", "",
+             f"- weights: {param_counts(mcfg).total / 1e9:.2f} B params in bf16 = "
+             f"{2 * param_counts(mcfg).total / 1e9:.1f} GB",
+             f"- row: first prompt {traj.prefills[0].tokens} tokens (the video item: "
+             f"{traj.video_tokens} tokens at {vh}x{vw}); {traj.tool_calls} tool "
+             f"call{'' if traj.tool_calls == 1 else 's'} of "
+             f"{tc.frames_per_call} images ({traj.image_tokens} tokens each at {ih}x{iw}); "
+             f"{len(traj.decodes)} turns x {tc.gen_tokens_per_turn} generated tokens; "
+             + (f"re-prefills of {re[0].tokens} tokens (static {re[0].static}); " if re else "")
+             + f"{traj.peak} cache slots at the end ({traj.stop})",
+             f"- engine: KV cache {kv} + {traj.scratch} scratch slots per row, "
+             f"{sc.cache_dtype}; prefill_chunk {sc.prefill_chunk}; attn_query_chunk "
+             f"{mcfg.get('attn_query_chunk', 0)}; greedy; the vision tower encodes "
+             + (f"{sc.vision_frames_per_pass} frame(s) per pass (the preset engine: one image "
+                "or video group at a time)" if int(sc.vision_frames_per_pass)
+                else "an insert's frames at once"),
+             f"- source: {source}", "", eval_table(plans, ordered), ""]
+    for p in plans:
+        mem = ", ".join(f"{k} {v / GIB:.2f}" for k, v in p.memory.items() if k != "total")
+        phases = ", ".join(f"{k} {_duration(s)} ({b})" for k, (s, b) in p.phases.items())
+        lines += [f"### {p.topology.name}", "",
+                  f"- GiB per device at {_rows(p.rows or p.mesh['data'] * p.mesh['fsdp'])}"
+                  f"{'' if p.rows else ' (does not fit)'}: {mem}"]
+        if p.rows:
+            lines.append(f"- one engine call of {_rows(p.rows)}: {_duration(p.call_s)} at the "
+                         f"roofline ({phases})")
+        lines += [f"- {n}" for n in p.notes]
+        if p.compiled:
+            lines += ["", markdown_table(p.compiled)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=2)
+def _abstract_model_of(model_json: str):
+    from vrthinker_jax.models import config as model_config
+
+    return _abstract_model(model_config.Qwen25VLConfig.from_configdict(json.loads(model_json)))
+
+
+def abstract_eval_model(model_cfg):
+    """(graphdef, abstract params) of a model config, built once per config (a 7B's
+    `nnx.eval_shape` takes a second or more; plans of several runtimes share it)."""
+    return _abstract_model_of(model_cfg.to_json())
+
+
+def run_eval_plan(cfg, topos: list[Topology], *, compile_programs: bool = False
+                  ) -> tuple[str, list[EvalPlan]]:
+    """Plans each runtime (and with compile_programs, AOT-compiles its programs; a program
+    libtpu cannot compile is reported in the runtime's notes and the analytic plan stands)."""
+    from vrthinker_jax.models import config as model_config
+    from vrthinker_jax.rollout import frame_bank
+
+    cfg.model = model_config.Qwen25VLConfig.from_configdict(cfg.model)
+    sc = cfg.sampling
+    traj = eval_trajectory(cfg.trajectory, frame_bank.PatchSpec.from_model_config(cfg.model),
+                           prompt_multiple=int(sc.prompt_multiple),
+                           response_multiple=int(sc.response_multiple),
+                           chunk=int(sc.prefill_chunk))
+    graphdef, abs_params = abstract_eval_model(cfg.model)
+    plans = [plan_eval_runtime(cfg, t, traj, abs_params) for t in topos]
+    source = "analytic model (per-device memory and roofline; no libtpu compile)"
+    if compile_programs:
+        source = ("analytic model, checked by AOT-compiling the engine's inserts and decode "
+                  "with libtpu at each runtime's batch (tables under each runtime)")
+        for p in plans:
+            try:
+                p.compiled = compile_eval(cfg, p, traj, graphdef, abs_params)
+            except PlanError as e:
+                p.notes.append(f"XLA: {e}")
+            except Exception as e:  # noqa: BLE001 - libtpu may not support an old chip
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                p.notes.append(f"libtpu could not compile for {p.topology.name} ({first}); "
+                               "the analytic plan stands")
+    return render_eval_markdown(cfg, traj, plans, source), plans
+
+
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m vrthinker_jax.tools.plan",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="experiments/configs/<stage>.py:<size>")
-    ap.add_argument("--topology", required=True, help=f"one of {', '.join(TOPOLOGIES)}")
+    ap.add_argument("--config", default="", help="experiments/configs/<stage>.py:<size>")
+    ap.add_argument("--topology", default="",
+                    help=f"one of {', '.join(TOPOLOGIES)}; --eval-rollout: a comma list, "
+                         f"default 'colab' = {','.join(COLAB_RUNTIMES)}")
     ap.add_argument("--out", default="", help="write the Markdown plan here (appends)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set optimizer.accum_steps=8")
@@ -807,14 +1553,92 @@ def main(argv=None) -> int:
                     help="rollout KV-cache dtype (default: the config's sampling.cache_dtype)")
     ap.add_argument("--only", default=",".join(PROGRAMS),
                     help=f"comma-separated programs to compile (default all: {','.join(PROGRAMS)})")
-    args = ap.parse_args(argv)
+    ev = ap.add_argument_group("eval rollout of a published checkpoint (--eval-rollout)")
+    ev.add_argument("--eval-rollout", action="store_true",
+                    help="plan a benchmark's eval rollout per runtime (analytic; no --config)")
+    ev.add_argument("--preset", default="vr-thinker",
+                    help="a published checkpoint's preset (name or .toml path)")
+    ev.add_argument("--size", default="7b", help="model size (tiny, 3b, 7b)")
+    ev.add_argument("--video-size", default="", metavar="HxW",
+                    help="native video size (default 480x832)")
+    ev.add_argument("--turn-tokens", type=int, default=0,
+                    help="generated tokens per assistant turn (default 300)")
+    ev.add_argument("--turns", type=int, default=0, help="assistant turns per row (default 4)")
+    ev.add_argument("--kv-slots", type=int, default=None,
+                    help="KV slots per row (default: 12288, or the row's need if larger)")
+    ev.add_argument("--rows", action="append", default=[], metavar="BENCHMARK=N",
+                    help=f"rows of a benchmark ({', '.join(BENCHMARK_ROWS)})")
+    ev.add_argument("--compile", action="store_true",
+                    help="also AOT-compile the engine's inserts and decode (needs libtpu)")
+    return ap
+
+
+def _emit(text: str, out: str) -> None:
+    print(text)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "a") as fh:
+            fh.write(text + "\n")
+
+
+def _no_libtpu() -> int:
+    print("plan: libtpu is not installed; install the tpu extra (`bash "
+          "experiments/launch/setup_env.sh tpu`, then run with .venv-tpu/bin/python; or "
+          "pip install -e '.[tpu]') to compile for TPU topologies", file=sys.stderr)
+    return 1
+
+
+def eval_config_from_args(args):
+    """The eval-rollout config with the CLI's shortcuts and --set overrides applied."""
+    cfg = eval_rollout_config(args.size, args.preset)
+    tc = cfg.trajectory
+    if args.video_size:
+        h, x, w = args.video_size.lower().partition("x")
+        if not (x and h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0):
+            raise PlanError(f"--video-size {args.video_size!r}: expected HxW, e.g. 480x832")
+        tc.video_size = (int(h), int(w))
+    if args.turn_tokens:
+        tc.gen_tokens_per_turn = args.turn_tokens
+    if args.turns:
+        tc.turns = args.turns
+    if args.kv_slots is not None:
+        cfg.sampling.kv_slots = args.kv_slots
+    for item in args.rows:
+        name, eq, n = item.partition("=")
+        if not eq or name not in BENCHMARK_ROWS or not n.isdigit():
+            raise PlanError(f"--rows {item!r}: expected NAME=N with NAME one of "
+                            f"{', '.join(BENCHMARK_ROWS)}")
+        cfg.benchmarks[name] = int(n)
+    return apply_overrides(cfg, args.set)
+
+
+def _eval_main(args) -> int:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # plan (and compile) for TPU on a CPU
     try:
+        names = (COLAB_RUNTIMES if args.topology in ("", "colab")
+                 else [t for t in args.topology.split(",") if t])
+        topos = [get_topology(t) for t in names]
+        if args.compile and not libtpu_available():
+            return _no_libtpu()
+        text, plans = run_eval_plan(eval_config_from_args(args), topos,
+                                    compile_programs=args.compile)
+    except PlanError as e:
+        print(f"plan: {e}", file=sys.stderr)
+        return 2
+    _emit(text, args.out)
+    return 0 if all(p.rows for p in plans) else 3
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.eval_rollout:
+        return _eval_main(args)
+    try:
+        if not args.config or not args.topology:
+            raise PlanError("--config and --topology are required (or --eval-rollout)")
         topo = get_topology(args.topology)
         if not libtpu_available():
-            print("plan: libtpu is not installed; install the tpu extra (`bash "
-                  "experiments/launch/setup_env.sh tpu`, then run with .venv-tpu/bin/python; or "
-                  "pip install -e '.[tpu]') to compile for TPU topologies", file=sys.stderr)
-            return 1
+            return _no_libtpu()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU, run nothing on it
         cfg = apply_overrides(load_config(args.config), args.set)
         cache_dtype = args.cache_dtype or cfg.get("sampling", {}).get("cache_dtype", "float32")
@@ -823,12 +1647,7 @@ def main(argv=None) -> int:
     except PlanError as e:
         print(f"plan: {e}", file=sys.stderr)
         return 2
-    text = render_markdown(header, plans, tips)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "a") as fh:
-            fh.write(text + "\n")
+    _emit(render_markdown(header, plans, tips), args.out)
     return 0 if not tips else 3
 
 

@@ -247,15 +247,15 @@ def tiny_release_checkpoint(directory: str, chat_template: str, seed: int = 7):
     return hf
 
 
-def tiny_preset(turn_tokens: int):
-    """The vr-thinker preset with pixel budgets that keep TINY_H x TINY_W frames as they are."""
+def tiny_preset(turn_tokens: int, name: str = "vr-thinker"):
+    """A shipped preset with pixel budgets that keep TINY_H x TINY_W frames as they are."""
     import dataclasses
 
     from vrthinker_jax.rollout import presets
 
-    p = presets.load("vr-thinker")
+    p = presets.load(name)
     px = dataclasses.replace(p.pixels, initial_min_pixels=TINY_H * TINY_W,
-                             initial_max_pixels=TINY_H * TINY_W,
+                             initial_max_pixels=TINY_H * TINY_W, square_side=0,
                              video_max_pixels=TINY_H * TINY_W, image_max_pixels=TINY_H * TINY_W)
     return dataclasses.replace(p, pixels=px, budget=dataclasses.replace(
         p.budget, max_new_tokens=turn_tokens))
@@ -307,3 +307,35 @@ def preset_processor(preset, tokenizer_json: str, chat_template: str):
     return make_processor(tokenizer_json, chat_template, image_min=px.image_min_pixels,
                           image_max=px.image_max_pixels, video_min=px.video_min_pixels,
                           video_max=px.video_max_pixels, fps=px.video_fps)
+
+
+def keep_all_loop(hf_model, proc, preset, tok, prompt: str, cands, row: int, *,
+                  banned: list[int]) -> list[np.ndarray]:
+    """The `vrthinker` preset's loop in transformers, built by hand from its (partly
+    unverified) layout: qwen-agent's tools block in the system turn, the initial frames as
+    images before the text, turns fed back verbatim, every response keeping its images; the
+    whole prompt re-rendered and `generate`d each turn. Returns each turn's generated ids."""
+    nous, schema = qwen_agent_modules()
+    system = nous.NousFnCallPrompt().preprocess_fncall_messages(
+        messages=[schema.Message(role="system",
+                                 content=[schema.ContentItem(text=preset.system.text)])],
+        functions=[preset.tool.function()], lang=None)[0].model_dump()
+    images = [16, 48, 80, 112, 144, 176, 208, 240]  # centres of 4 parts of each 128
+    msgs = [system, {"role": "user", "content": [{"type": "image"} for _ in images]
+                     + [{"type": "text", "text": f"Text prompt: {prompt}"}]}]
+    stop = [tok.token_to_id(t) for t in ("</tool_call>", "<|im_end|>", "<|endoftext|>")]
+    out = []
+    for turn in range(len(CALLS) + 1):
+        rendered = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ids = generate_turn(hf_model, proc, rendered, [cands[i] for i in images], None,
+                            max_new_tokens=preset.budget.max_new_tokens, stop_ids=stop,
+                            suppress=banned)
+        out.append(ids)
+        if turn == len(CALLS):
+            break
+        text = script(row, turn, tok.decode([int(i) for i in ids]))
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+        msgs.append({"role": "user", "content": [{"type": "text", "text": preset.tool_response.ok}]
+                     + [{"type": "image"} for _ in CALLS[turn]]})
+        images += [f - 1 for f in CALLS[turn]]
+    return out

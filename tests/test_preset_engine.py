@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
              for _ in range(2)]
     proc = ref.preset_processor(p, d + "/tokenizer.json", QWEN25VL_TEMPLATE)
     return {"hf": hf, "engine": engine, "preset": p, "tok": tok, "proc": proc,
-            "candidates": cands}
+            "candidates": cands, "dir": d, "model": model}
 
 
 @pytest.mark.slow
@@ -73,3 +73,27 @@ def test_a_prompt_the_cache_cannot_hold_ends_the_row(setup):
     trajs = small.rollout(["a fox"], setup["candidates"][:1], jax.random.key(0))
     assert trajs[0].stop == "cache_full" and trajs[0].judgments is None
     assert trajs[0].turns == [] and len(trajs[0].prompt_ids) >= 299
+
+
+@pytest.mark.slow
+def test_greedy_rollout_under_the_vrthinker_preset_equals_transformers(setup):
+    """The second published preset (initial frames as images, turns fed back verbatim, every
+    response keeps its images): the same engine, the same token-for-token check."""
+    p = ref.tiny_preset(TURN_TOKENS, "vrthinker")
+    tok = setup["tok"]
+    engine = preset_engine.PresetEngine(setup["model"], tok,
+                                        render.ChatTemplate.from_dir(setup["dir"]), p,
+                                        max_len=2048, buckets=(256, 1024))
+    rng = np.random.default_rng(4)
+    cands = [rng.integers(0, 256, (256, ref.TINY_H, ref.TINY_W, 3), dtype=np.uint8)]
+    trajs = engine.rollout(["a robot rides a unicorn"], cands, jax.random.key(0),
+                           script=ref.script)
+    banned = list(engine.static.banned_ids) + list(range(tok.vocab_size, 512))
+    proc = ref.preset_processor(p, setup["dir"] + "/tokenizer.json", QWEN25VL_TEMPLATE)
+    want = ref.keep_all_loop(setup["hf"], proc, p, tok, "a robot rides a unicorn", cands[0], 0,
+                             banned=banned)
+    assert len(trajs[0].generated) == len(want) == len(ref.CALLS) + 1
+    for got, exp in zip(trajs[0].generated, want):
+        np.testing.assert_array_equal(got, exp)
+    assert trajs[0].stop == "answer"
+    assert trajs[0].judgments == {"TA": 1, "VQ": 2, "MQ": 0, "OA": 1}

@@ -248,3 +248,47 @@ def test_presets_load_and_refuse_bad_files(tmp_path):
         presets.load(str(bad))
     with pytest.raises(presets.PresetError, match="neither a file nor one of"):
         presets.load("no-such-preset")
+
+
+# --------------------------------------------------------------------------- the second preset
+
+
+def _vrthinker_reference_messages(preset, prompt: str, turns: list[str], calls: list[list[int]]):
+    """The `vrthinker` preset's conversation built by hand in Hugging Face's message format
+    (qwen-agent renders its tools block): the 8 initial frames as images before the text, the
+    model's turns verbatim, every tool response keeping its images (memory rule keep_all)."""
+    nous, schema = ref.qwen_agent_modules()
+    system = nous.NousFnCallPrompt().preprocess_fncall_messages(
+        messages=[schema.Message(role="system",
+                                 content=[schema.ContentItem(text=preset.system.text)])],
+        functions=[preset.tool.function()], lang=None)[0].model_dump()
+    initial = [16, 48, 80, 112, 144, 176, 208, 240]  # centres of 4 parts of each 128
+    msgs = [system, {"role": "user", "content": [{"type": "image"} for _ in initial]
+                     + [{"type": "text", "text": f"Text prompt: {prompt}"}]}]
+    images = list(initial)
+    for turn, frames in zip(turns, calls):
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": turn}]})
+        msgs.append({"role": "user", "content": [{"type": "text", "text": preset.tool_response.ok}]
+                     + [{"type": "image"} for _ in frames]})
+        images += [f - 1 for f in frames]
+    return msgs, images
+
+
+@pytest.mark.parametrize("n_turns", [0, 2])
+def test_vrthinker_preset_equals_transformers(tok_path, n_turns):
+    preset = _small("vrthinker")
+    cands = np.random.default_rng(5).integers(0, 256, (256, H, W, 3), dtype=np.uint8)
+    prompt = "a robot rides a unicorn"
+    calls = [[3, 200], [129, 1, 256]][:n_turns]
+    turns = [f'<think>look</think><tool_call>{{"name": "select_frames", "arguments": '
+             f'{{"target_frames": {c}}}}}</tool_call>' for c in calls]
+    conv, gen = release.replay(preset, prompt, cands, turns)
+    ours = _ours(preset, conv, tok_path, gen)
+
+    msgs, images = _vrthinker_reference_messages(preset, prompt, turns, calls)
+    proc = _reference_processor(preset, tok_path)
+    rendered = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    theirs = ref.processor_inputs(proc, rendered, [cands[i] for i in images], None)
+    assert str(ours["text"]) == rendered
+    _assert_same(ours, theirs)
+    assert len(ours["image_grid_thw"]) == 8 + sum(len(c) for c in calls)

@@ -118,3 +118,36 @@ def test_convert_with_the_project_preset_writes_a_protocol_export(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "neither a file nor one of" in err[0]
     assert not os.path.exists(tmp_path / "e2" / "model")
+
+
+def test_render_then_forward_matches_transformers_on_what_the_model_saw(tmp_path):
+    """The user's logit check: `tools.render` writes what the model sees after a tool call
+    (the shipped vr-thinker preset, its own pixel budgets), `tools.forward` runs our port on it,
+    transformers runs on the same file."""
+    from data_pipelines import video
+    from tests import hf_reference as R
+    from vrthinker_jax.tools import forward, render
+
+    hf_dir = str(tmp_path / "hf")
+    hf = ref.tiny_release_checkpoint(hf_dir, QWEN25VL_TEMPLATE)
+    rng = np.random.default_rng(2)
+    for name in ("a", "b"):
+        video.write_video(str(tmp_path / f"{name}.mp4"),
+                          rng.integers(0, 256, (20, 30, 40, 3), dtype=np.uint8), 8.0)
+    turns = tmp_path / "turns.json"
+    turns.write_text(json.dumps(['<synthesis>x</synthesis><think>y</think><recommend answer>'
+                                 'OA=1</recommend answer><tool_call>{"name": "select_frames", '
+                                 '"arguments": {"target_frames": [5, 60]}}</tool_call>']))
+    npz = str(tmp_path / "in.npz")
+    assert render.main(["--checkpoint", hf_dir, "--preset", "vr-thinker", "--prompt", "a fox",
+                        "--video-a", str(tmp_path / "a.mp4"), "--video-b",
+                        str(tmp_path / "b.mp4"), "--turns", str(turns), "--out", npz]) == 0
+    out = str(tmp_path / "out.npz")
+    assert forward.main(["--checkpoint", hf_dir, "--inputs", npz, "--out", out]) == 0
+    inputs = forward.read_inputs(npz)
+    assert len(inputs["image_grid_thw"]) == 2 and len(inputs["video_grid_thw"]) == 1
+    want = R.hf_logits(hf, inputs)
+    with np.load(out) as f:
+        got = f["logits"]
+    assert got.shape == want.shape
+    assert float(np.abs(got - want).max()) <= 1e-4

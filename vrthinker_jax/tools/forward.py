@@ -40,7 +40,9 @@ def read_inputs(path: str) -> dict:
             raise ValueError(f"{path}: unknown arrays {unknown}; expected some of {list(KNOWN)}")
         if "input_ids" not in data.files:
             raise ValueError(f"{path}: missing array input_ids")
-        out = {k: np.asarray(data[k]) for k in KNOWN if k in data.files}
+        # an empty visual array means "none" (`tools.render` writes empty arrays so every name
+        # is present)
+        out = {k: np.asarray(data[k]) for k in KNOWN if k in data.files and data[k].size}
     if out["input_ids"].ndim == 1:
         out["input_ids"] = out["input_ids"][None]
     if out["input_ids"].ndim != 2:

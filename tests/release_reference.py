@@ -309,20 +309,27 @@ def preset_processor(preset, tokenizer_json: str, chat_template: str):
                           video_max=px.video_max_pixels, fps=px.video_fps)
 
 
-def keep_all_loop(hf_model, proc, preset, tok, prompt: str, cands, row: int, *,
-                  banned: list[int]) -> list[np.ndarray]:
-    """The `vrthinker` preset's loop in transformers, built by hand from its (partly
-    unverified) layout: qwen-agent's tools block in the system turn, the initial frames as
-    images before the text, turns fed back verbatim, every response keeping its images; the
-    whole prompt re-rendered and `generate`d each turn. Returns each turn's generated ids."""
+def vrthinker_first_messages(preset, prompt: str) -> tuple[list[dict], list[int]]:
+    """The `vrthinker` preset's first prompt built by hand in Hugging Face's message format:
+    qwen-agent's tools block after the system text, the 8 initial frames as images before the
+    text. Returns the messages and the 0-based candidates of those images."""
     nous, schema = qwen_agent_modules()
     system = nous.NousFnCallPrompt().preprocess_fncall_messages(
         messages=[schema.Message(role="system",
                                  content=[schema.ContentItem(text=preset.system.text)])],
         functions=[preset.tool.function()], lang=None)[0].model_dump()
     images = [16, 48, 80, 112, 144, 176, 208, 240]  # centres of 4 parts of each 128
-    msgs = [system, {"role": "user", "content": [{"type": "image"} for _ in images]
-                     + [{"type": "text", "text": f"Text prompt: {prompt}"}]}]
+    return [system, {"role": "user", "content": [{"type": "image"} for _ in images]
+                     + [{"type": "text", "text": f"Text prompt: {prompt}"}]}], images
+
+
+def keep_all_loop(hf_model, proc, preset, tok, prompt: str, cands, row: int, *,
+                  banned: list[int]) -> list[np.ndarray]:
+    """The `vrthinker` preset's loop in transformers, built by hand from its (partly
+    unverified) layout: qwen-agent's tools block in the system turn, the initial frames as
+    images before the text, turns fed back verbatim, every response keeping its images; the
+    whole prompt re-rendered and `generate`d each turn. Returns each turn's generated ids."""
+    msgs, images = vrthinker_first_messages(preset, prompt)
     stop = [tok.token_to_id(t) for t in ("</tool_call>", "<|im_end|>", "<|endoftext|>")]
     out = []
     for turn in range(len(CALLS) + 1):

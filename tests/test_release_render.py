@@ -257,15 +257,7 @@ def _vrthinker_reference_messages(preset, prompt: str, turns: list[str], calls: 
     """The `vrthinker` preset's conversation built by hand in Hugging Face's message format
     (qwen-agent renders its tools block): the 8 initial frames as images before the text, the
     model's turns verbatim, every tool response keeping its images (memory rule keep_all)."""
-    nous, schema = ref.qwen_agent_modules()
-    system = nous.NousFnCallPrompt().preprocess_fncall_messages(
-        messages=[schema.Message(role="system",
-                                 content=[schema.ContentItem(text=preset.system.text)])],
-        functions=[preset.tool.function()], lang=None)[0].model_dump()
-    initial = [16, 48, 80, 112, 144, 176, 208, 240]  # centres of 4 parts of each 128
-    msgs = [system, {"role": "user", "content": [{"type": "image"} for _ in initial]
-                     + [{"type": "text", "text": f"Text prompt: {prompt}"}]}]
-    images = list(initial)
+    msgs, images = ref.vrthinker_first_messages(preset, prompt)
     for turn, frames in zip(turns, calls):
         msgs.append({"role": "assistant", "content": [{"type": "text", "text": turn}]})
         msgs.append({"role": "user", "content": [{"type": "text", "text": preset.tool_response.ok}]

@@ -4,12 +4,17 @@ Both pipelines are `grain.MapDataset` chains over records in the common schema
 (`data_pipelines/schema.py`: plain dicts, a JSONL manifest / trace file, or a TFDS data source):
 
   source -> seeded shuffle (reshuffled every epoch) -> [pad the epoch, finite runs only]
-         -> per-process shard (strided: process i takes elements i, i + P, ...)
-         -> repeat -> build one example (decode frames, tokenise) -> batch
+         -> [repeat, infinite runs] -> per-process shard (process i of P takes the i-th block
+            of b = batch_size / P rows of every global batch) -> build one example (decode
+            frames, tokenise) -> batch
 
 then `make_iterator` turns it into an iterator (optionally with multiprocess workers) whose
 `get_state()` is saved with a training checkpoint; `restore_iterator` resumes at the very next
 batch.
+
+The shards are blocks of global batches so that a run of P processes, each placing its rows
+with `vrthinker_jax.distributed.put_rows`, trains on exactly the global batches of one process
+(same rows, same order): process i's rows are global rows [i * b, (i + 1) * b) of each batch.
 
 Nothing is dropped silently. A row whose video cannot be decoded, whose trace is invalid, or whose
 conversation does not fit the static shapes stays in its batch with `failed=True`, a `status`
@@ -490,6 +495,27 @@ class _PadEpochs(grain.MapDataset):
         return f"_PadEpochs(epoch_len={self._epoch_len})"
 
 
+class _BatchBlocks(grain.MapDataset):
+    """Process `index` of `count`'s rows of a stream cut into global batches of `count *
+    local` rows: the `index`-th block of `local` rows of each."""
+
+    def __init__(self, parent: grain.MapDataset, index: int, count: int, local: int):
+        super().__init__(parent)
+        self._index, self._count, self._local = index, count, local
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._count
+
+    def __getitem__(self, m):
+        if isinstance(m, slice):
+            return self.slice(m)
+        batch, row = divmod(m, self._local)
+        return self._parent[(batch * self._count + self._index) * self._local + row]
+
+    def __str__(self) -> str:
+        return f"_BatchBlocks(index={self._index}, count={self._count}, local={self._local})"
+
+
 def process_shard(cfg, process_index=None, process_count=None) -> tuple[int, int]:
     """(index, count) of this process: explicit args, then cfg, then jax.process_*()."""
     index = process_index if process_index is not None else cfg.get("process_index", -1)
@@ -523,9 +549,11 @@ def _rows(source, cfg, *, process_index=None, process_count=None) -> grain.MapDa
         ds = ds.shuffle(seed=int(cfg.seed))  # epoch e is permuted with seed + e
     if cfg.num_epochs > 0:
         block = count * local
+        # every epoch a whole number of global batches: each process gets n_pad / count rows
         ds = _PadEpochs(ds, -(-n // block) * block, int(cfg.num_epochs))
-        return ds[index::count]  # the slice keeps epochs aligned: each has n_pad / count rows
-    return ds[index::count].repeat(None)
+    else:
+        ds = ds.repeat(None)
+    return ds if count == 1 else _BatchBlocks(ds, index, count, local)
 
 
 def sft_dataset(

@@ -10,6 +10,13 @@ directory holding one). `init_params`: the previous stage's `<workdir>/params`.
 Re-running with the same --workdir resumes from its last checkpoint. Writes TensorBoard events
 and metrics.jsonl under <workdir>/tb and the final params under <workdir>/params.
 
+Multi-process (a TPU slice, a GPU cluster): every process runs the same command with
+`--coordinator_address HOST:PORT --num_processes N --process_id I`, or `--distributed auto` where
+`jax.distributed.initialize()` finds the cluster itself (`vrthinker_jax.distributed`). Each
+process reads its own shard of the data; process 0 writes TensorBoard, metrics.jsonl and the
+export's files; every process takes part in the orbax checkpoints, params and export weights.
+--workdir must be the same shared directory on every process.
+
 A run that learned nothing (SFT: no target token in any step; RFT: no trace accepted; GRPO: no
 row in any update) exits 2 with one line and writes no params or export; so do step counts
 below 1, an unknown `--config.KEY` and any other bad flag.
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 
 from absl import app, flags
@@ -26,14 +34,18 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from vrthinker_jax import distributed  # noqa: E402 -- after the path insert above
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file[:size]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, TensorBoard)")
+FLAGS = flags.FLAGS
+distributed.define_absl_flags(flags)  # --coordinator_address, --num_processes, ...
 
 
 def run(cfg, workdir: str) -> dict:
+    import jax
+
     from data_pipelines.tokenizer import load_tokenizer
-    from vrthinker_jax.checkpoints import export as export_lib
-    from vrthinker_jax.rollout.sampler import sampling_config
     from vrthinker_jax.train import runtime, sft
 
     if cfg.stage not in ("sft", "rft", "grpo"):
@@ -45,11 +57,18 @@ def run(cfg, workdir: str) -> dict:
         raise ValueError("set --config.tokenizer (tokenizer.json or sentencepiece .model)")
     if not os.path.exists(cfg.train_data):
         raise ValueError(f"train_data {cfg.train_data}: no such file")
+    if cfg.stage == "rft" and jax.process_count() > 1:
+        # its SFT half trains on the in-memory frame banks of the traces each process accepted
+        # itself: the processes would train on different, unequal data
+        raise ValueError(f"rft: a run of {jax.process_count()} processes is not supported yet; "
+                         "run the rft stage as one process")
     tokenizer = load_tokenizer(cfg.tokenizer)
     runtime.align_model_config(cfg.model, tokenizer)
     rt = runtime.setup(cfg, tokenizer)
-    logger = runtime.TrainLogger(os.path.join(workdir, "tb"))
-    logger.text(0, "config", "```\n" + cfg.to_json_best_effort(indent=1) + "\n```")
+    # shared files come from process 0 alone
+    logger = runtime.TrainLogger(os.path.join(workdir, "tb")) if distributed.is_writer() else None
+    if logger is not None:
+        logger.text(0, "config", "```\n" + cfg.to_json_best_effort(indent=1) + "\n```")
     try:
         if cfg.stage == "sft":
             ds = sft.sft_dataset(cfg, cfg.train_data, tokenizer, rt)
@@ -79,14 +98,34 @@ def run(cfg, workdir: str) -> dict:
                     f"grpo: none of {len(history)} steps had a row in the update (every "
                     "group's rewards were equal, or every row too long): nothing was learned")
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
     summary["params"] = runtime.export_params(os.path.join(workdir, "params"), rt.params)
-    # a self-contained reward-model directory for `vrthinker_jax.score` / `vrthinker_jax.eval`
-    summary["export"] = export_lib.export_reward_model(
-        os.path.join(workdir, "export"), model=rt.model(), tokenizer_path=cfg.tokenizer,
-        protocol_cfg=cfg.protocol, sampling_cfg=cfg.get("sampling") or sampling_config(),
-        frame_size=tuple(cfg.data.frame_size), info={"stage": cfg.stage}, overwrite=True)
+    summary["export"] = export(cfg, os.path.join(workdir, "export"), rt)
     return summary
+
+
+def export(cfg, directory: str, rt) -> str:
+    """A self-contained reward-model directory for `vrthinker_jax.score` / `vrthinker_jax.eval`
+    (replacing an earlier one). The weights are an orbax save every process takes part in;
+    process 0 then writes the manifest and copies the tokenizer."""
+    from vrthinker_jax import checkpoints
+    from vrthinker_jax.checkpoints import export as export_lib
+    from vrthinker_jax.rollout.sampler import sampling_config
+
+    model_dir = os.path.join(os.path.abspath(directory), export_lib.MODEL_DIR)
+    if distributed.is_writer() and os.path.exists(model_dir):
+        shutil.rmtree(model_dir)  # a re-run's export replaces the last one
+    distributed.barrier("export_cleared")
+    checkpoints.save_model(rt.model(), model_dir)
+    distributed.barrier("export_weights")
+    if distributed.is_writer():
+        export_lib.export_reward_model(
+            directory, model_dir=model_dir, tokenizer_path=cfg.tokenizer,
+            protocol_cfg=cfg.protocol, sampling_cfg=cfg.get("sampling") or sampling_config(),
+            frame_size=tuple(cfg.data.frame_size), info={"stage": cfg.stage}, overwrite=True)
+    distributed.barrier("export_written")
+    return os.path.abspath(directory)
 
 
 def _flag_error(e: Exception, argv: list[str]) -> str:
@@ -123,12 +162,22 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
 
+    try:  # before any JAX computation
+        joined = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                        FLAGS.process_id, FLAGS.distributed)
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         summary = run(_CONFIG.value, _WORKDIR.value)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(summary))
+    if joined:
+        import jax
+
+        jax.distributed.shutdown()  # every process leaves together
 
 
 if __name__ == "__main__":

@@ -310,7 +310,7 @@ def test_checkpoint_path_end_to_end_with_a_fake_engine(tmp_path, monkeypatch, ca
                 raise ValueError(f"{ex[key]}: cannot decode video")
         return np.full((4, 4, 4, 3), 7, np.uint8)
 
-    monkeypatch.setattr(cli, "load_engine", lambda args: (rollout, load_bank, 2, [1, 3]))
+    monkeypatch.setattr(cli, "load_engine", lambda args: (rollout, load_bank, 2, [1, 3], {}))
     monkeypatch.setattr(cli, "model_identity", lambda path: "sha256:fake")
     out = tmp_path / "out"
     argv = ["--benchmark", "video_pairs", "--checkpoint", str(tmp_path), "--data-dir",
@@ -394,7 +394,7 @@ def fake_model(monkeypatch):
                 raise ValueError(f"{ex[key]}: cannot decode video")
         return np.zeros((4, 4, 4, 3), np.uint8)
 
-    monkeypatch.setattr(cli, "load_engine", lambda args: (rollout, load_bank, 2, [1]))
+    monkeypatch.setattr(cli, "load_engine", lambda args: (rollout, load_bank, 2, [1], {}))
     monkeypatch.setattr(cli, "model_identity",
                         lambda path: "sha256:" + os.path.basename(os.path.abspath(path)))
     return state

@@ -12,6 +12,7 @@ import sys
 import pytest
 from test_train_support import REPO
 
+from tests import needle as needle_lib
 from vrthinker_jax.train import runtime
 
 SFT_TINY = os.path.join(REPO, "experiments", "configs", "sft.py") + ":tiny"
@@ -19,16 +20,8 @@ SFT_TINY = os.path.join(REPO, "experiments", "configs", "sft.py") + ":tiny"
 
 @pytest.fixture(scope="module")
 def needle(tmp_path_factory):
-    """Two synthetic needle traces (the tiny config's protocol) and their sentencepiece."""
-    from data_pipelines import synthetic
-    from data_pipelines import tokenizer as tok_lib
-
-    out = str(tmp_path_factory.mktemp("needle"))
-    info = synthetic.generate(out, 2, seed=0,
-                              cfg=synthetic.synthetic_config(heldout_fraction=0.0))
-    tok = tok_lib.train_sentencepiece(synthetic.read_corpus(info["paths"]["corpus"]),
-                                      os.path.join(out, "tokenizer"), 500)
-    return {"traces": info["paths"]["cot_train"], "tokenizer": tok, "dir": out}
+    """Two synthetic needle traces and their sentencepiece."""
+    return needle_lib.make(str(tmp_path_factory.mktemp("needle")), 2)
 
 
 def train(workdir, *flags):

@@ -13,6 +13,11 @@ Decoding is greedy unless --temperature > 0. A missing or undecodable video, a d
 is not an export, a prompt that is not UTF-8 text or that is longer than the export's largest
 prompt bucket (`sampling.prompt_buckets` in its reward_model.json) prints one line
 `score: error: ...` to stderr and exits with status 2.
+
+Multi-process flags (`--coordinator_address HOST:PORT --num_processes N --process_id I`, or
+`--distributed auto`; `vrthinker_jax.distributed`) let it run under the same launcher as train /
+eval on a slice: one pair is one row, so every process scores it on its own first device and
+process 0 alone prints and writes --json / --html.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import os
 import sys
 
+from vrthinker_jax import distributed
 from vrthinker_jax.cli import CliError, OneLineParser
 
 PROG = "python -m vrthinker_jax.score"
@@ -41,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="answer every select_frames call with 'tool use is disabled'")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0, help="rng seed (only used when sampling)")
+    distributed.add_arguments(p)
     return p
 
 
@@ -201,6 +208,8 @@ def run(args) -> int:
                     "sampling_seed": args.seed if args.temperature > 0 else None}}
     row = score_pair(rm, args.prompt, bank, tools_enabled=not args.no_tools,
                      temperature=args.temperature, seed=args.seed, meta=meta)
+    if not distributed.is_writer():
+        return 0
     print(format_judgment(row, _numbering(rm)))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -219,7 +228,9 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     try:
-        return run(_parser().parse_args(argv))
+        args = _parser().parse_args(argv)
+        distributed.initialize_from_args(args, CliError)  # before any JAX computation
+        return run(args)
     except CliError as e:
         print(f"score: error: {e}", file=sys.stderr)
         return 2

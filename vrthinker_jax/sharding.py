@@ -142,12 +142,14 @@ def value_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
 
 def shard_state(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State:
     """Places every Variable of `state` on `mesh` according to its logical axes."""
+    from vrthinker_jax import distributed
+
     shardings = state_shardings(state, mesh, rules)
 
-    def put(var, sharding):
+    def put(var, sharding):  # put_value: the params may be one process's local copy
         if isinstance(var, nnx.Variable):
-            return var.replace(jax.device_put(var.value, sharding))
-        return jax.device_put(var, sharding)
+            return var.replace(distributed.put_value(var.value, sharding))
+        return distributed.put_value(var, sharding)
 
     return jax.tree.map(put, state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -46,8 +46,9 @@ def save_model(model, directory: str) -> str:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(directory, PARAMS_DIR), state)
         ckptr.wait_until_finished()
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(_to_json(model.config), f, indent=2)
+    if jax.process_index() == 0:  # every process takes part in the orbax save; one writes
+        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+            json.dump(_to_json(model.config), f, indent=2)
     return directory
 
 
@@ -98,7 +99,14 @@ def load_model(directory: str, *, dtype: str | None = None, param_dtype: str | N
         raise FileNotFoundError(f"{params_dir}: missing params directory")
     abs_model = nnx.eval_shape(lambda: model_lib.Qwen25VL(saved, rngs=nnx.Rngs(0)))
     target = nnx.state(abs_model, nnx.Param).to_pure_dict()
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+    # an explicit layout: orbax refuses to guess one for a checkpoint saved on another topology
+    # (e.g. by a multi-process training run); callers reshard the params onto their mesh
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if jax.process_count() > 1:  # global arrays, replicated over every device
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          target)
     with ocp.StandardCheckpointer() as ckptr:
         try:
             pure = ckptr.restore(params_dir, target)

@@ -24,6 +24,12 @@ meta.run says the same. A re-run with another model, data or setting refuses in 
 the difference (--overwrite starts over). The TFDS build is keyed by the release directory and
 its content, so a changed --data-dir is built afresh.
 
+Multi-process (a TPU slice, a GPU cluster): every process runs the same command with
+`--coordinator_address HOST:PORT --num_processes N --process_id I` (or `--distributed auto`,
+`vrthinker_jax.distributed`); the batch is split over every process's devices, each decodes only
+its own rows' videos, and process 0 writes OUT (which must be reachable by process 0; the TFDS
+build directory must be shared by all).
+
 Errors (missing file, malformed line, bad option) print one line `eval: error: ...` to stderr
 and exit with status 2; Ctrl-C prints how many rows are written and exits with status 130.
 """
@@ -34,6 +40,7 @@ import argparse
 import os
 import sys
 
+from vrthinker_jax import distributed
 from vrthinker_jax.cli import CliError, OneLineParser
 from vrthinker_jax.eval import html_report, tb
 from vrthinker_jax.eval import metrics as metrics_lib
@@ -97,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--html-examples", type=int, default=20, help="traces in traces.html (0: none)")
     p.add_argument("--quiet", action="store_true", help="no table on stdout")
+    distributed.add_arguments(p)
     return p
 
 
@@ -258,7 +266,7 @@ def _mesh_and_batch(batch_size: int | None, mesh_text: str = "data=-1"):
 def load_engine(args):
     """Builds the model side from --checkpoint (a reward-model export,
     `vrthinker_jax.checkpoints.export`): returns (rollout, load_bank, batch_size,
-    initial_frames) for `runner.make_predict_batch`.
+    initial_frames, placement) for `runner.make_predict_batch`.
 
     rollout(prompts, banks, step) -> trajectories, greedy unless --temperature, rng folded from
     --seed and the batch counter; banks are split over the batch axes of the --mesh (default:
@@ -266,8 +274,10 @@ def load_engine(args):
     load_bank(example) -> uint8 [2N, H, W, 3] from the example's embedded video bytes or paths;
     a corrupt or missing video raises BankError (a ValueError naming the file), which the runner
     turns into that example's failed row.
+    placement: `make_predict_batch`'s rows_here / blank_bank in a multi-process run, else {}.
     """
     import jax
+    import numpy as np
 
     from vrthinker_jax.checkpoints import export
 
@@ -278,6 +288,9 @@ def load_engine(args):
     if rm.preset is not None and args.no_tools:
         raise CliError(f"--no-tools: {args.checkpoint} runs preset {rm.preset.name}, whose "
                        "protocol has no tools-off mode")
+    if rm.preset is not None and jax.process_count() > 1:
+        raise CliError(f"--checkpoint {args.checkpoint}: a preset export runs on one device; "
+                       "run it as one process")
     if rm.preset is not None:  # a preset export runs on one device for now
         mesh, batch_size = None, args.batch_size or 4
         if batch_size < 1:
@@ -299,7 +312,12 @@ def load_engine(args):
         srcs = [ex.get(f"{k}_bytes") or ex[k] for k in ("video_a", "video_b")]
         return rm.load_bank(*srcs)
 
-    return rollout, load_bank, batch_size, rm.initial_frames
+    placement = {}
+    if jax.process_count() > 1:  # each process rolls out (and decodes) its rows of a batch
+        placement = dict(
+            rows_here=lambda total: distributed.rows_held(mesh, total),
+            blank_bank=np.zeros((rm.protocol.total_frames, *rm.frame_size, 3), np.uint8))
+    return rollout, load_bank, batch_size, rm.initial_frames, placement
 
 
 def model_identity(checkpoint: str) -> str:
@@ -376,31 +394,40 @@ def model_eval(args) -> int:
     # identities first: a refused resume costs no model load
     fingerprint = tfds_builders.source_fingerprint(args.data_dir)
     manifest = run_manifest(args, model_identity(args.checkpoint), fingerprint)
-    claim_out_dir(args, predictions_path, manifest)
-    rollout, load_bank, batch_size, initial_frames = load_engine(args)
+    # process 0 owns OUT; its refusal stops every process
+    _on_process_0(lambda: claim_out_dir(args, predictions_path, manifest))
+    rollout, load_bank, batch_size, initial_frames, placement = load_engine(args)
     tfds_dir = args.tfds_dir or os.path.join(args.out, "tfds")
     if args.quiet:
         import tensorflow_datasets as tfds
 
         tfds.disable_progress_bar()  # TFDS's build bars on stderr
-    try:
-        examples = runner.benchmark_examples(
-            args.benchmark, args.data_dir, tfds_dir=tfds_dir, split=args.split,
-            config=args.builder_config, fingerprint=fingerprint,
-        )
-    except (ValueError, OSError) as e:
-        raise CliError(f"--data-dir {args.data_dir}: {e}") from None
+
+    def read_examples():
+        try:
+            return runner.benchmark_examples(
+                args.benchmark, args.data_dir, tfds_dir=tfds_dir, split=args.split,
+                config=args.builder_config, fingerprint=fingerprint,
+            )
+        except (ValueError, OSError) as e:
+            raise CliError(f"--data-dir {args.data_dir}: {e}") from None
+
+    # process 0 builds the TFDS dataset; the others then read the built one
+    examples = _on_process_0(read_examples)
+    if not distributed.is_writer():
+        examples = read_examples()
     if args.subset is not None:
         ids = [ex["id"] for ex in examples]
         strata = [runner.example_label(ex)["OA"] for ex in examples]
         keep = set(metrics_lib.stratified_subset(ids, strata, args.subset, args.seed))
         examples = [ex for ex in examples if ex["id"] in keep]
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "subset_ids.txt"), "w") as f:
-            f.write("".join(i + "\n" for i in sorted(keep)))
+        if distributed.is_writer():
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "subset_ids.txt"), "w") as f:
+                f.write("".join(i + "\n" for i in sorted(keep)))
     predict_batch = runner.make_predict_batch(
         rollout, load_bank, batch_size=batch_size, benchmark=args.benchmark,
-        initial_frames=initial_frames,
+        initial_frames=initial_frames, **placement,
     )
     run_config = _run_config(args, cfg, manifest)
     row_meta = {"run": {"model_id": manifest["model"]["id"], **manifest["settings"]}}
@@ -418,6 +445,8 @@ def model_eval(args) -> int:
         n = _rows_in(predictions_path)
         raise Stopped(f"stopped, {n} rows written to {predictions_path} ({n - before} by this "
                       "run); re-run the same command to resume") from None
+    if report is None:  # not process 0: it writes the reports
+        return 0
     by_id = {ex["id"]: ex for ex in examples}
     rows, _ = metrics_lib.dedupe_rows(
         r for r in preds_lib.read_predictions(predictions_path).rows if r["id"] in by_id
@@ -429,6 +458,21 @@ def model_eval(args) -> int:
 
     _finish(args, report, rows, run_config, frame_loader=frame_loader)
     return 0
+
+
+def _on_process_0(fn):
+    """fn() on process 0 (the one that writes OUT); its CliError is raised on every process,
+    so a refusal stops the run everywhere. Returns fn's result on process 0, None elsewhere."""
+    result, error = None, None
+    if distributed.is_writer():
+        try:
+            result = fn()
+        except CliError as e:
+            error = str(e)
+    error = distributed.from_process_0(error)
+    if error:
+        raise CliError(error)
+    return result
 
 
 class Stopped(Exception):
@@ -445,8 +489,9 @@ def _rows_in(path: str) -> int:
 def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
-        if args.predictions:
-            return rescore(args)
+        distributed.initialize_from_args(args, CliError)  # before any JAX computation
+        if args.predictions:  # no model: process 0 rescores, the others have nothing to do
+            return rescore(args) if distributed.is_writer() else 0
         return model_eval(args)
     except CliError as e:
         print("eval: error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line

@@ -12,10 +12,15 @@ callable (the rollout engine wrapped by the CLI, or a fake in tests). It
 
 Sharding is predict_batch's business: it gets at most `batch_size` examples and pads to its own
 static batch (a multiple of the data-axis size) itself.
+
+In a run of P processes every process walks the same examples and calls predict_batch on the
+same batches (each rolls out the rows its devices hold, `make_predict_batch(rows_here=...)`, and
+gets every row back); process 0 alone reads the resume state and writes the file and the report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Sequence
@@ -23,6 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from vrthinker_jax import distributed
 from vrthinker_jax.eval import metrics as metrics_lib
 from vrthinker_jax.eval import predictions as preds_lib
 from vrthinker_jax.eval import report as report_lib
@@ -118,17 +124,25 @@ def run_model_eval(
     retry_failed: re-run ids whose earlier row has an error (the new row wins when scoring).
     row_meta: added to every written row's meta (failed ones too), e.g. the model's id and the
       sampling settings, so each row says what made it.
-    Returns the report (report.build_report) with counts["run"] describing this call.
+    Returns the report (report.build_report) with counts["run"] describing this call; None on
+    processes other than 0 of a multi-process run (they write nothing).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    done = preds_lib.done_ids(predictions_path, include_failed=not retry_failed)
+    writes = distributed.is_writer()
+    # every process skips the same ids: process 0's reading of the file
+    done = set(distributed.from_process_0(
+        sorted(preds_lib.done_ids(predictions_path, include_failed=not retry_failed))
+        if writes else None))
     stats = RunStats()
     seen_set: set[str] = set()
     total = len(examples) if hasattr(examples, "__len__") else None
-    bar = tqdm(total=total, desc=f"eval {benchmark}", disable=not progress, unit="ex")
-    with preds_lib.PredictionWriter(predictions_path) as writer:
-        stats.partial_line_dropped = writer.dropped_partial_line
+    bar = tqdm(total=total, desc=f"eval {benchmark}", disable=not (progress and writes),
+               unit="ex")
+    opened = (preds_lib.PredictionWriter(predictions_path) if writes
+              else contextlib.nullcontext())
+    with opened as writer:
+        stats.partial_line_dropped = bool(writes and writer.dropped_partial_line)
 
         def flush(batch: list[dict]) -> None:
             rows = []
@@ -142,7 +156,8 @@ def run_model_eval(
                 rows += _predict_isolating(todo, predict_batch, benchmark)
             for r in rows:
                 r["meta"].update(row_meta or {})
-                writer.write(r)
+                if writes:
+                    writer.write(r)
                 stats.evaluated_now += 1
                 stats.failed_now += bool(r["error"])
             bar.update(len(batch))
@@ -166,7 +181,8 @@ def run_model_eval(
         if batch:
             flush(batch)
     bar.close()
-
+    if not writes:
+        return None
     read = preds_lib.read_predictions(predictions_path)
     rows = [r for r in read.rows if r["id"] in seen_set]
     other = len({r["id"] for r in read.rows} - seen_set)
@@ -205,51 +221,75 @@ def make_predict_batch(
     batch_size: int,
     benchmark: str,
     initial_frames: Sequence[int] | None = None,
+    rows_here: Callable[[int], Sequence[int]] | None = None,
+    blank_bank: np.ndarray | None = None,
 ) -> PredictBatch:
     """Wraps a rollout engine as `predict_batch` for `run_model_eval`.
 
-    rollout(prompts, banks, step) -> one trajectory per row: prompts list[str] of exactly
-      `batch_size`, banks uint8 [batch_size, 2N, H, W, 3] (a list of [2N, H, W, 3] when the rows
-      differ in frame size: a preset export), step a counter the caller folds into
-      its rng. Trajectories are duck-typed as in `row_from_trajectory`.
+    rollout(prompts, banks, step) -> one trajectory per row: prompts list[str], banks uint8
+      [rows, 2N, H, W, 3] (a list of [2N, H, W, 3] when the rows differ in frame size: a preset
+      export), step a counter the caller folds into its rng; rows = `batch_size`, or this
+      process's share of it (`rows_here`). Trajectories are duck-typed as in
+      `row_from_trajectory`.
     load_bank(example) -> uint8 [2N, H, W, 3]; raises ValueError / OSError naming the file for a
       corrupt or missing video, which becomes that example's error row (the others still run).
-    The batch is padded to `batch_size` with copies of the last good pair (static shapes for the
-    compiled engine; the copies' results are dropped). `initial_frames` (global numbers) is
-    stored in each row's meta for the HTML report.
+    rows_here(batch_size) -> the batch positions this process rolls out (a multi-process run:
+      `distributed.rows_held`); None = all. Each process then loads only its examples' videos
+      and the rows come back to every process (`distributed.allgather_json`).
+    blank_bank: uint8 [2N, H, W, 3] filler for a process none of whose rows of a batch loaded.
+    Unused rows are filled with copies of the last good pair (static shapes for the compiled
+    engine; their results are dropped). `initial_frames` (global numbers) is stored in each
+    row's meta for the HTML report.
     """
     steps = itertools.count()
 
     def predict_batch(examples: list[dict]) -> list[dict]:
         if len(examples) > batch_size:
             raise ValueError(f"{len(examples)} examples for a batch of {batch_size}")
+        mine = list(range(batch_size)) if rows_here is None else list(rows_here(batch_size))
         out: list[dict | None] = [None] * len(examples)
         good, banks = [], []
-        for i, ex in enumerate(examples):
+        for i in (i for i in mine if i < len(examples)):
             try:
-                banks.append(np.asarray(load_bank(ex)))
+                banks.append(np.asarray(load_bank(examples[i])))
                 good.append(i)
             except (ValueError, OSError) as e:
                 out[i] = {"error": str(e) or type(e).__name__}
-        if good:
-            pad = batch_size - len(good)
-            prompts = [examples[i].get("prompt", "") for i in good]
-            prompts += [prompts[-1]] * pad
-            padded = banks + [banks[-1]] * pad
-            # one array when the rows' frames share a shape (always for a bank); a preset's
-            # candidates keep each video's own size, so rows may differ
-            same = all(b.shape == padded[0].shape for b in padded)
-            trajs = list(rollout(prompts, np.stack(padded) if same else padded, next(steps)))
-            if len(trajs) < len(good):
-                raise ValueError(f"rollout returned {len(trajs)} rows for {len(good)} pairs")
-            for i, traj in zip(good, trajs):
-                row = row_from_trajectory(examples[i], traj, benchmark)
-                if initial_frames is not None:
-                    row["meta"]["initial_frames"] = [int(f) for f in initial_frames]
-                out[i] = row
+        # the rollout is one compiled program over every process's rows: all run it or none
+        if good if rows_here is None else distributed.any_process(bool(good)):
+            _rollout_rows(examples, good, banks, len(mine), rollout, next(steps), out,
+                          blank_bank, benchmark, initial_frames)
+        if rows_here is not None:  # every process gets every row
+            for part in distributed.allgather_json({str(i): out[i] for i in mine
+                                                    if i < len(examples)}):
+                for i, row in part.items():
+                    out[int(i)] = row
         return out
 
     return predict_batch
+
+
+def _rollout_rows(examples, good, banks, rows, rollout, step, out, blank_bank, benchmark,
+                  initial_frames) -> None:
+    """Rolls out `rows` rows: the `good` examples (with their `banks`) first, then fillers;
+    writes the good examples' rows into `out`."""
+    pad = rows - len(good)
+    prompts = [examples[i].get("prompt", "") for i in good]
+    if not good and blank_bank is None:
+        raise ValueError("make_predict_batch: a process with no row of a batch needs blank_bank")
+    prompts += [prompts[-1] if prompts else ""] * pad
+    padded = banks + [banks[-1] if banks else blank_bank] * pad
+    # one array when the rows' frames share a shape (always for a bank); a preset's
+    # candidates keep each video's own size, so rows may differ
+    same = all(b.shape == padded[0].shape for b in padded)
+    trajs = list(rollout(prompts, np.stack(padded) if same else padded, step))
+    if len(trajs) < len(good):
+        raise ValueError(f"rollout returned {len(trajs)} rows for {len(good)} pairs")
+    for i, traj in zip(good, trajs):
+        row = row_from_trajectory(examples[i], traj, benchmark)
+        if initial_frames is not None:
+            row["meta"]["initial_frames"] = [int(f) for f in initial_frames]
+        out[i] = row
 
 
 SPLIT_PREFERENCE = ("test", "test_v1", "validation", "val", "dev", "train")

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vrthinker_jax import sharding
+from vrthinker_jax import distributed, sharding
 from vrthinker_jax.models import model as model_lib
 from vrthinker_jax.rollout import chat, frame_bank, protocol, sampler
 
@@ -187,22 +187,30 @@ class RolloutEngine:
         return sum(f._cache_size() for f in fns)
 
     # ----------------------------------------------------------------- placement
+    # In a run of P processes the host loop holds this process's rows only: rows go to the
+    # device through `distributed.put_rows` and come back through `distributed.local_rows`, and
+    # every decision that makes a compiled call (or fixes a static shape) is agreed by all.
 
     def _batch_put(self, x, batch_dim: int = 0):
-        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        x = np.asarray(x)
         if self.mesh is None:
             return jax.device_put(x)
-        return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim, batch_dim))
+        return distributed.put_rows(x, sharding.batch_sharding(self.mesh, x.ndim, batch_dim))
 
     def _put_segment(self, seg: sampler.Segment) -> sampler.Segment:
         """The segment's arrays on device in one transfer (split over the batch on a mesh)."""
         if self.mesh is None:
             return jax.device_put(seg)
-        return jax.device_put(seg, sampler.Segment(**{
+        return distributed.put_rows(seg, sampler.Segment(**{
             f.name: sharding.batch_sharding(self.mesh, getattr(seg, f.name).ndim,
                                             1 if f.name == "positions" else 0)
             for f in dataclasses.fields(seg)
         }))
+
+    def _rows(self, *arrays, row_dims=None):
+        """This process's rows of global arrays (all of them with one process)."""
+        dims = row_dims or (0,) * len(arrays)
+        return tuple(distributed.local_rows(a, d) for a, d in zip(arrays, dims))
 
     def _state_shardings(self, batch: int):
         """NamedShardings of a RolloutState: batch split, rng replicated."""
@@ -231,7 +239,7 @@ class RolloutEngine:
 
     def _new_state(self, batch: int, rng) -> sampler.RolloutState:
         if self.mesh is not None:  # the key may live on another mesh (e.g. the learner's)
-            rng = jax.device_put(rng, NamedSharding(self.mesh, PartitionSpec()))
+            rng = distributed.put_value(rng, NamedSharding(self.mesh, PartitionSpec()))
         if batch not in self._init_fns:
             kw = {} if self.mesh is None else {"out_shardings": self._state_shardings(batch)}
             self._init_fns[batch] = jax.jit(functools.partial(self._init_state, batch), **kw)
@@ -304,19 +312,24 @@ class RolloutEngine:
             serve[i] = True
         return sampler.Segment(tokens, seg_len, positions, nxt, frames, offsets, event, serve)
 
-    def _check_banks(self, banks: np.ndarray, b: int):
+    def _check_banks(self, banks: np.ndarray, b: int) -> int:
+        """Checks this process's `b` rows of banks; returns the global batch."""
         want = (b, self.pcfg.total_frames) + self.frame_size + (3,)
         if tuple(banks.shape) != want or banks.dtype != np.uint8:
             raise ValueError(f"frame banks: got {banks.dtype} {tuple(banks.shape)}, expected "
                              f"uint8 {want}")
-        if self.mesh is not None and b % sharding.batch_size_multiple(self.mesh):
-            raise ValueError(f"batch {b} is not a multiple of the mesh's batch axes "
+        total = distributed.global_rows(self.mesh, b)
+        if self.mesh is not None and total % sharding.batch_size_multiple(self.mesh):
+            raise ValueError(f"batch {total} is not a multiple of the mesh's batch axes "
                              f"({sharding.batch_size_multiple(self.mesh)})")
+        return total
 
     def _prefill(self, state, bank, segs_per_row: list[list[protocol.Segment]]):
         toks = [chat.tokenize_segments(self.tok, s, self.tokens_per_frame) for s in segs_per_row]
-        length = _bucket(max(len(t.ids) for t in toks), self.scfg.prompt_buckets)
-        n_frames = max(len(t.frames) for t in toks)
+        # static shapes: the same on every process
+        length = _bucket(distributed.max_over_processes(max(len(t.ids) for t in toks)),
+                         self.scfg.prompt_buckets)
+        n_frames = distributed.max_over_processes(max(len(t.frames) for t in toks))
         if n_frames > self.pcfg.memory_window:
             raise ValueError(f"prompt shows {n_frames} frames, more than memory_window")
         seg = self._segment(toks, length, n_frames, np.zeros(len(toks), np.int32))
@@ -341,11 +354,11 @@ class RolloutEngine:
         b = len(segs_per_row)
         if banks is None:
             banks = np.zeros((b, self.pcfg.total_frames) + self.frame_size + (3,), np.uint8)
-        self._check_banks(banks, b)
+        total = self._check_banks(banks, b)
         bank = self._batch_put(banks)
-        state, toks = self._prefill(self._new_state(b, rng), bank, segs_per_row)
+        state, toks = self._prefill(self._new_state(total, rng), bank, segs_per_row)
         state = self.decode_fn(self.params, state)
-        tokens, kind, n = jax.device_get((state.tokens, state.kind, state.cache_index))
+        tokens, kind, n = self._rows(state.tokens, state.kind, state.cache_index)
         return [tokens[i, : n[i]][kind[i, : n[i]] == sampler.GENERATED] for i in range(b)]
 
     # ----------------------------------------------------------------- the rollout
@@ -374,29 +387,28 @@ class RolloutEngine:
           forced_frames: (row, calls_done) -> frames of an injected call (default: consecutive
             windows over all frames).
         """
-        b = len(prompts)
-        self._check_banks(banks, b)
+        b = len(prompts)  # this process's rows
+        total = self._check_banks(banks, b)
         if force_tool_calls > self.pcfg.max_tool_calls:
             raise ValueError(f"force_tool_calls={force_tool_calls} exceeds the protocol's "
                              f"max_turns - 1 = {self.pcfg.max_tool_calls}")
         forced_frames = forced_frames or self._forced_frames
         bank = self._batch_put(banks)
-        state = self._new_state(b, rng)
+        state = self._new_state(total, rng)
         state, _ = self._prefill(state, bank, [protocol.prompt_segments(p, self.pcfg)
                                                for p in prompts])
 
-        turn_start = np.asarray(jax.device_get(state.cache_index)).copy()
+        turn_start = self._rows(state.cache_index)[0].copy()
         turns: list[list[str]] = [[] for _ in range(b)]
         tool_frames: list[list[list[int]]] = [[] for _ in range(b)]
         tool_errors: list[list[str | None]] = [[] for _ in range(b)]
         stop = ["" for _ in range(b)]
         finished = np.zeros(b, bool)
-        while not finished.all():
+        while not distributed.all_processes(finished.all()):
             t0 = time.perf_counter()
             state = self.decode_fn(self.params, state)
-            status, cache_index, next_pos, tokens = jax.device_get(
-                (state.status, state.cache_index, state.next_pos, state.tokens)
-            )
+            status, cache_index, next_pos, tokens = self._rows(
+                state.status, state.cache_index, state.next_pos, state.tokens)
             self.stats["decode_s"] += time.perf_counter() - t0
             self.stats["decode_calls"] += 1
             responses: list[chat.Tokenized | None] = [None] * b
@@ -442,9 +454,9 @@ class RolloutEngine:
                 if end is not None:
                     finished[i] = newly_finished[i] = True
                     stop[i] = end
-            if newly_finished.any():
+            if distributed.any_process(newly_finished.any()):
                 state = self.finish_fn(state, self._batch_put(newly_finished))
-            if any(r is not None for r in responses):
+            if distributed.any_process(any(r is not None for r in responses)):
                 seg = self._segment(responses, self.resp_len, self.pcfg.max_frames_per_call,
                                     next_pos)
                 t0 = time.perf_counter()
@@ -456,7 +468,7 @@ class RolloutEngine:
                 for i, r in enumerate(responses):
                     if r is not None:
                         turn_start[i] = cache_index[i] + len(r.ids)
-            elif not (status == sampler.RUNNING).any():
+            elif not distributed.any_process((status == sampler.RUNNING).any()):
                 finished[:] = True  # nothing runs and nothing was served
         return self._trajectories(state, turns, tool_frames, tool_errors, stop)
 
@@ -473,10 +485,10 @@ class RolloutEngine:
         return [((calls_done * m + k) % total) + 1 for k in range(m)]
 
     def _trajectories(self, state, turns, tool_frames, tool_errors, stop) -> list[Trajectory]:
-        tokens, kind, logp, positions, until, n, slot_frame, count = jax.device_get(
-            (state.tokens, state.kind, state.logp, state.positions, state.visible_until,
-             state.cache_index, state.memory.slot_frame, state.memory.count)
-        )
+        tokens, kind, logp, positions, until, n, slot_frame, count = self._rows(
+            state.tokens, state.kind, state.logp, state.positions, state.visible_until,
+            state.cache_index, state.memory.slot_frame, state.memory.count,
+            row_dims=(0, 0, 0, 1, 0, 0, 0, 0))
         w = self.pcfg.memory_window
         out = []
         for i in range(len(turns)):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from vrthinker_jax import sharding
+from vrthinker_jax import distributed, sharding
 from vrthinker_jax.rollout import protocol
 from vrthinker_jax.train import checkpointing, examples, losses, rewards, runtime, steps
 
@@ -161,6 +161,37 @@ def rollout_batch(trajs, banks, labels, cfg) -> tuple[dict, list[rewards.RewardP
     return batch, parts, stats
 
 
+def step_record(trajs, parts, labels, rstats: dict) -> dict:
+    """The step's rollout statistics over the rows of every process (each holds its own
+    `trajs`, reward `parts` and `labels`; `rstats` are its row counts)."""
+    local = {
+        "total": [p.total for p in parts], "format": [p.format for p in parts],
+        "accuracy": [p.accuracy for p in parts], "exploration": [p.exploration for p in parts],
+        "answered": [t.judgments is not None for t in trajs],
+        "tool_calls": [t.tool_calls for t in trajs],
+        "frames_selected": [t.frames_selected for t in trajs],
+        "response_tokens": [int(t.loss_mask.sum()) for t in trajs],
+        "judgments": [t.judgments for t in trajs], "labels": labels,
+    }
+    rows = {k: [x for p in distributed.allgather_json(local) for x in p[k]] for k in local}
+
+    class _Judged:  # what dimension_accuracy reads of a trajectory
+        def __init__(self, judgments):
+            self.judgments = judgments
+
+    return {
+        "reward": float(np.mean(rows["total"])),
+        "reward_format": float(np.mean(rows["format"])),
+        "reward_accuracy": float(np.mean(rows["accuracy"])),
+        "reward_exploration": float(np.mean(rows["exploration"])),
+        **{k: float(np.mean(rows[k])) for k in ("answered", "tool_calls", "frames_selected",
+                                                 "response_tokens")},
+        **distributed.sum_over_processes(rstats),
+        **{f"accuracy_{k}": v for k, v in dimension_accuracy(
+            [_Judged(j) for j in rows["judgments"]], rows["labels"]).items()},
+    }
+
+
 def run_grpo(
     cfg, workdir: str, pairs, tokenizer, *, rt: runtime.Runtime, logger=None,
     dataset: grain.MapDataset | None = None, stop_after: int | None = None, tag: str = "grpo",
@@ -176,7 +207,7 @@ def run_grpo(
     """
     runtime.check_run_counts(cfg, tag)
     g = cfg.grpo
-    rows = int(g.prompts_per_step) * int(g.group_size)
+    rows = int(g.prompts_per_step) * int(g.group_size)  # global: all processes together
     per_call = int(g.get("rollout_batch", 0) or rows)
     if rows % per_call:
         raise ValueError(f"grpo.rollout_batch={per_call} must divide prompts_per_step x "
@@ -223,14 +254,17 @@ def run_grpo(
         key = jax.random.fold_in(state.key, step)
         t0 = time.perf_counter()
         engine.update_params(state.params)
-        # `grpo.rollout_batch` rows per engine call bounds the KV cache on the rollout mesh
-        trajs = []
+        # `grpo.rollout_batch` rows per engine call bounds the KV cache on the rollout mesh;
+        # this process holds `len(prompts)` of the rows, the same share of each call
+        trajs, share = [], len(prompts) / rows
         for i in range(0, rows, per_call):
             sub = key if i == 0 else jax.random.fold_in(key, i)
-            trajs += engine.rollout(prompts[i:i + per_call], banks[i:i + per_call], sub)
+            lo, hi = int(i * share), int((i + per_call) * share)
+            trajs += engine.rollout(prompts[lo:hi], banks[lo:hi], sub)
         t_rollout = time.perf_counter() - t0
 
         host, parts, rstats = rollout_batch(trajs, banks, labels, cfg)
+        record = step_record(trajs, parts, labels, rstats)  # over every process's rows
         # optimizer.accum_steps micro-batches per update (optax.MultiSteps applies the update
         # after the last): the learner's activations scale with the micro-batch
         batches, t_ref = [], 0.0
@@ -241,13 +275,15 @@ def run_grpo(
                 batch["ref_logp"] = reference_logprobs(ref_fn, ref_params, mb, batch, rt)
                 jax.block_until_ready(batch["ref_logp"])
             else:
-                batch["ref_logp"] = jnp.zeros(mb["tokens"][:, 1:].shape, jnp.float32)
+                batch["ref_logp"] = steps.put_batch(  # this process's rows, like the batch's
+                    {"ref_logp": np.zeros(mb["tokens"][:, 1:].shape, np.float32)},
+                    rt.mesh)["ref_logp"]
             t_ref += time.perf_counter() - t1
             batches.append(batch)
 
         t2 = time.perf_counter()
         m: dict = {}
-        if rstats["rows_in_update"] > 0:
+        if record["rows_in_update"] > 0:  # the same decision on every process
             if update_fn is None:
                 update_fn = steps.step_fn(
                     "grpo", graphdef=rt.graphdef, spec=rt.spec, optimizer=cfg.optimizer,
@@ -264,19 +300,9 @@ def run_grpo(
             state = state.replace(step=state.step + micro_per_step)
         t_update = time.perf_counter() - t2
 
-        gen = [int(t.loss_mask.sum()) for t in trajs]
         record = {
             "step": step,
-            "reward": float(np.mean([p.total for p in parts])),
-            "reward_format": float(np.mean([p.format for p in parts])),
-            "reward_accuracy": float(np.mean([p.accuracy for p in parts])),
-            "reward_exploration": float(np.mean([p.exploration for p in parts])),
-            "answered": float(np.mean([t.judgments is not None for t in trajs])),
-            "tool_calls": float(np.mean([t.tool_calls for t in trajs])),
-            "frames_selected": float(np.mean([t.frames_selected for t in trajs])),
-            "response_tokens": float(np.mean(gen)),
-            **rstats,
-            **{f"accuracy_{k}": v for k, v in dimension_accuracy(trajs, labels).items()},
+            **record,
             **{k: m[k] for k in ("loss", "kl", "entropy", "clip_frac", "ratio_mean",
                                  "grad_norm", "skipped", "nonfinite_total") if k in m},
             "time_rollout_s": t_rollout,

@@ -104,15 +104,11 @@ def align_model_config(model_cfg: ml_collections.ConfigDict, tokenizer) -> None:
 
 
 def build_model(cfg: ml_collections.ConfigDict) -> nnx.Module:
-    """The model of `cfg.model`, randomly initialised with `cfg.seed`, then `cfg.init_params`
-    (a params directory written by `export_params`, e.g. the previous stage's) if set."""
+    """The model of `cfg.model`, randomly initialised with `cfg.seed` (`setup` then reads
+    `cfg.init_params` into it, already laid out on the mesh)."""
     from vrthinker_jax.models import model as model_lib
 
-    model = model_lib.Qwen25VL(cfg.model, rngs=nnx.Rngs(int(cfg.seed)))
-    if cfg.get("init_params"):
-        graphdef, params = nnx.split(model)
-        model = nnx.merge(graphdef, load_params(cfg.init_params, params))
-    return model
+    return model_lib.Qwen25VL(cfg.model, rngs=nnx.Rngs(int(cfg.seed)))
 
 
 def setup(cfg: ml_collections.ConfigDict, tokenizer, *, model: nnx.Module | None = None
@@ -120,6 +116,9 @@ def setup(cfg: ml_collections.ConfigDict, tokenizer, *, model: nnx.Module | None
     """Mesh, model (built unless given) with params placed on the mesh, step spec."""
     role_meshes = make_role_meshes(cfg)
     mesh = role_meshes["actor"]
+    # a given model keeps its weights; a built one takes `cfg.init_params` if set (the
+    # previous stage's `export_params`)
+    init_params = cfg.get("init_params") if model is None else None
     model = build_model(cfg) if model is None else model
     mcfg = model.config
     pad = tokenizer.token_to_id(chat.IMAGE_PAD)
@@ -134,6 +133,8 @@ def setup(cfg: ml_collections.ConfigDict, tokenizer, *, model: nnx.Module | None
     graphdef, params = nnx.split(model)
     if mesh is not None:
         params = sharding.shard_state(params, mesh)
+    if init_params:  # read into the mesh layout: every process reads only its shards
+        params = load_params(init_params, params)
     patch = frame_bank.PatchSpec.from_model_config(mcfg)
     h, w = cfg.data.frame_size
     return Runtime(

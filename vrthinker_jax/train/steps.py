@@ -418,7 +418,12 @@ def place_state(state: TrainState, mesh: Mesh | None) -> TrainState:
     copied."""
     if mesh is None:
         return state
-    placed = jax.device_put(state, train_state_shardings(state, mesh))
+    from vrthinker_jax import distributed
+
+    # the shardings are a prefix of the state (one per nnx Variable): put each subtree's leaves
+    placed = jax.tree.map(
+        lambda s, sub: jax.tree.map(lambda x: distributed.put_value(x, s), sub),
+        train_state_shardings(state, mesh), state)
 
     def own(src, dst):
         if isinstance(src, jax.Array) and dst.sharding.is_fully_replicated:
@@ -429,9 +434,11 @@ def place_state(state: TrainState, mesh: Mesh | None) -> TrainState:
 
 
 def put_batch(batch: dict, mesh: Mesh | None) -> dict:
-    """Host batch -> device arrays of the keys a step reads (split over the mesh's batch axes
-    when given); other keys (ids, error strings, status) stay on the host."""
+    """This process's host rows -> global device arrays of the keys a step reads, split over
+    the mesh's batch axes when given (`distributed.put_rows`: in a run of P processes each
+    passes its own rows and the global batch is their concatenation); other keys (ids, error
+    strings, status) stay on the host."""
+    from vrthinker_jax import distributed
+
     arrays = {k: np.asarray(v) for k, v in batch.items() if k in STEP_KEYS}
-    if mesh is None:
-        return jax.device_put(arrays)
-    return jax.device_put(arrays, batch_shardings(arrays, mesh))
+    return distributed.put_rows(arrays, None if mesh is None else batch_shardings(arrays, mesh))

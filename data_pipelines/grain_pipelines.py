@@ -291,6 +291,7 @@ def empty_sft_example(seq_len, max_frames, frame_size, *, status, error="", id="
         "tokens": np.zeros(seq_len, np.int32),
         "loss_mask": np.zeros(seq_len, bool),
         "loss_weight": np.zeros(seq_len, np.float32),
+        "visual": np.zeros(seq_len, bool),
         "valid": np.zeros(seq_len, bool),
         "visible_until": np.full(seq_len, memory.NEVER, np.int32),
         "positions": np.zeros((3, seq_len), np.int32),
@@ -369,6 +370,7 @@ class TraceToExample(grain.transforms.Map):
             "tokens": _pad(t.ids.astype(np.int32), self.seq_len),
             "loss_mask": _pad(t.trainable, self.seq_len, False),
             "loss_weight": _pad(t.loss_weights(self.synthesis_weight), self.seq_len, 0.0),
+            "visual": _pad(t.frame_of_token >= 0, self.seq_len, False),
             "valid": _pad(np.ones(n, bool), self.seq_len, False),
             "visible_until": _pad(
                 t.visible_until(self.pcfg.memory_window).astype(np.int32), self.seq_len,

@@ -177,8 +177,73 @@ def test_training_forward_reproduces_rollout_logprobs(setup, forced_k2):
         gen = t.loss_mask[1:]
         assert gen.sum() > 0
         np.testing.assert_allclose(got[gen], t.logp[1:][gen], atol=2e-4)
-        # greedy: every generated token is the argmax of the training forward
+        # greedy: every generated token is the argmax of the training forward over the ids the
+        # sampler may draw (never a vision marker or pad)
+        lg = lg.copy()
+        lg[:, list(eng.static.banned_ids)] = -np.inf
         np.testing.assert_array_equal(np.argmax(lg, -1)[gen], t.tokens[1:][gen])
+
+
+def _learner_logp(setup, trajs, rows):
+    """The learner's own path: training rows from the trajectories
+    (`examples.from_trajectory`), `steps.sequence_token_stats`. float32 [b, seq - 1]."""
+    from vrthinker_jax.train import examples, steps
+
+    eng, model = setup["engine"], setup["model"]
+    seq = max(len(t.tokens) for t in trajs)
+    n_frames = max(len(t.frames) for t in trajs)
+    batch = examples.collate([
+        examples.from_trajectory(t, setup["banks"][r], seq_len=seq, max_frames=n_frames)
+        for r, t in zip(rows, trajs)])
+    spec = steps.StepSpec(patch=eng.patch, image_pad_id=eng.vt.pad)
+    logp, _ = jax.jit(lambda m, b: steps.sequence_token_stats(m, b, spec))(model, batch)
+    return np.asarray(logp)
+
+
+def test_learner_path_reproduces_rollout_logprobs(setup, forced_k2):
+    """What GRPO trains on: rows built by `examples.from_trajectory` through the learner's
+    `sequence_token_stats` give the rollout's log-probs (first-step ratio 1). A pad id inside
+    the model's text (which the sampler can no longer draw, but text may hold) stays text: the
+    learner merges frames where the rollout put them, not where the pad id is."""
+    rows = [0, 1]
+    trajs = [forced_k2[r] for r in rows]
+    logp = _learner_logp(setup, trajs, rows)
+    for i, t in enumerate(trajs):
+        gen = t.loss_mask[1:]
+        assert gen.sum() > 0
+        got = logp[i, : len(t.tokens) - 1][gen]
+        np.testing.assert_allclose(got, t.logp[1:][gen], atol=2e-4)
+        np.testing.assert_allclose(np.exp(got - t.logp[1:][gen]), 1.0, atol=5e-4)  # ratio
+        structural = np.isin(t.tokens[t.loss_mask], setup["engine"].static.banned_ids)
+        assert not structural.any()
+
+    # the same trajectory with its first generated token after a frame replaced by the pad id:
+    # the learner embeds it as text and every frame stays where the rollout put it (merging by
+    # pad id would take it for a frame and shift every later frame of the row)
+    import dataclasses
+
+    from vrthinker_jax.train import examples, steps
+
+    eng, model = setup["engine"], setup["model"]
+    t = trajs[0]
+    first_frame = int(np.argmax(t.kind == sampler.VISUAL))
+    k = first_frame + int(np.argmax(t.loss_mask[first_frame:]))
+    tokens = t.tokens.copy()
+    tokens[k] = eng.vt.pad
+    spec = steps.StepSpec(patch=eng.patch, image_pad_id=eng.vt.pad)
+
+    def embeds(traj):
+        b = examples.collate([examples.from_trajectory(
+            traj, setup["banks"][0], seq_len=len(t.tokens), max_frames=len(t.frames))])
+        e = steps.embed_inputs(model, b["tokens"], b["frames"], spec, b["visual"])
+        return np.asarray(e)[0], b["visual"][0]
+
+    e_a, vis = embeds(t)
+    e_b, vis_b = embeds(dataclasses.replace(t, tokens=tokens))
+    np.testing.assert_array_equal(vis, vis_b)
+    np.testing.assert_allclose(e_b[vis], e_a[vis], atol=1e-6)
+    pad_embed = np.asarray(model.embed(np.asarray([[eng.vt.pad]])))[0, 0]
+    np.testing.assert_allclose(e_b[k], pad_embed, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -272,6 +337,8 @@ def _hf_greedy(setup, ids, pixel_values=None, grid=None):
                   mm_token_type_ids=torch.as_tensor(
                       (ids == setup["cfg"].image_token_id).astype(np.int64))[None])
     n = setup["scfg"].max_turn_tokens
+    # the engine never draws vision markers or pads: transformers is told the same
+    kw["suppress_tokens"] = list(setup["engine"].static.banned_ids)
     with torch.no_grad():
         out = setup["hf_model"].generate(
             torch.as_tensor(ids[None].astype(np.int64)), max_new_tokens=n, do_sample=False,

@@ -282,3 +282,19 @@ def test_mrope_positions_match_transformers(tokenizer, frame_hw):
     p2, n2 = chat.mrope_positions(t.frame_of_token[40:], spec.merged_grid(*frame_hw), start=n1)
     np.testing.assert_array_equal(np.concatenate([p1, p2], 1), ref)
     assert len(head) + len(tail) == len(t.ids) and n2 == nxt
+
+
+def test_banned_ids_are_never_drawn_even_when_they_dominate():
+    """Issue 21: a model biased towards <|image_pad|> (and the other vision ids) never writes
+    them; the log-prob stays that of the full softmax the learner recomputes."""
+    logits = jnp.zeros((64, 16)).at[:, 5].set(20.0).at[:, 6].set(19.0)  # ids 5, 6 dominate
+    banned = (5, 6)
+    for temperature in (0.0, 1.0):
+        tok, lp = sampler.sample_logits(logits, jax.random.key(0), temperature, 0, 1.0,
+                                        banned=banned)
+        assert not np.isin(np.asarray(tok), banned).any()
+        full = jax.nn.log_softmax(logits / (temperature or 1.0), axis=-1)
+        np.testing.assert_allclose(np.asarray(lp),
+                                   np.asarray(full)[np.arange(64), np.asarray(tok)], rtol=1e-6)
+    tok, _ = sampler.sample_logits(logits, jax.random.key(0), 1.0, 0, 1.0)
+    assert np.isin(np.asarray(tok), banned).mean() > 0.9  # without the ban they win

@@ -21,7 +21,7 @@ from test_train_support import (
 )
 
 from vrthinker_jax.models import model as model_lib
-from vrthinker_jax.rollout import chat, protocol
+from vrthinker_jax.rollout import chat, protocol, sampler
 from vrthinker_jax.train import grpo, runtime, steps
 
 
@@ -39,6 +39,7 @@ class FakeTrajectory:
 
     tokens: np.ndarray
     loss_mask: np.ndarray
+    kind: np.ndarray  # sampler.VISUAL where the environment put a frame's tokens
     logp: np.ndarray
     positions: np.ndarray
     visible_until: np.ndarray
@@ -62,6 +63,7 @@ def fake_trajectory(trace, pcfg, tok, *, answer: dict | None):
     turns = [x["content"] for x in trace["turns"] if x["role"] == "assistant"]
     return FakeTrajectory(
         tokens=t.ids, loss_mask=t.trainable, logp=np.zeros(len(t.ids), np.float32),
+        kind=np.where(t.frame_of_token >= 0, sampler.VISUAL, sampler.CONTEXT).astype(np.int8),
         positions=pos, visible_until=t.visible_until(pcfg.memory_window), frames=t.frames,
         assistant_turns=turns, tool_frames=[x["frames"] for x in trace["turns"]
                                             if x["role"] == "tool"],

@@ -45,11 +45,21 @@ def merge_visual_embeds(embeds, input_ids, visual, token_ids):
     The i-th visual row goes to the i-th position (row-major over the batch) whose id is in
     token_ids. Positions beyond n keep visual[n-1] (callers keep counts equal).
     """
-    b, s, d = embeds.shape
-    ids = input_ids.reshape(-1)
-    hit = jnp.zeros(ids.shape, bool)
+    hit = jnp.zeros(input_ids.shape, bool)
     for t in np.atleast_1d(np.asarray(token_ids)).tolist():
-        hit = hit | (ids == int(t))
+        hit = hit | (input_ids == int(t))
+    return merge_visual_at(embeds, hit, visual)
+
+
+def merge_visual_at(embeds, is_visual, visual):
+    """Replace the embeddings at the marked positions by visual rows, in order.
+
+    embeds: [b, s, d]; is_visual: bool [b, s] (where the frames' tokens sit, known from how
+    the sequence was built, not from its token ids: text may hold the pad token); visual:
+    [n, d]. The i-th visual row goes to the i-th marked position (row-major).
+    """
+    b, s, d = embeds.shape
+    hit = is_visual.reshape(-1)
     slot = jnp.clip(jnp.cumsum(hit) - 1, 0, visual.shape[0] - 1)
     rows = visual.astype(embeds.dtype)[slot]
     return jnp.where(hit[:, None], rows, embeds.reshape(-1, d)).reshape(b, s, d)

@@ -36,6 +36,25 @@ class VisionTokens:
         )
 
 
+STRUCTURAL = (VISION_START, VISION_END, "<|vision_pad|>", IMAGE_PAD, "<|video_pad|>")
+
+
+def structural_ids(tokenizer) -> tuple[int, ...]:
+    """Ids of the vision markers and pads the tokenizer has: the environment writes them, the
+    model never may (a sampled `<|image_pad|>` would be taken for a frame by a learner that
+    looks for pads, and shifts every later frame of its row). A tokenizer without one of them
+    cannot produce it."""
+    out = []
+    for t in STRUCTURAL:
+        try:
+            tid = tokenizer.token_to_id(t)
+        except KeyError:
+            continue
+        if tid is not None:
+            out.append(int(tid))
+    return tuple(out)
+
+
 @dataclasses.dataclass
 class Tokenized:
     """A tokenised conversation (one row, unpadded).

@@ -167,6 +167,7 @@ class RolloutEngine:
             prefill_chunk=int(sampling_cfg.get("prefill_chunk", defaults.prefill_chunk)),
             vocab_limit=(int(tokenizer.vocab_size)
                          if sampling_cfg.get("restrict_to_tokenizer_vocab", True) else 0),
+            banned_ids=chat.structural_ids(tokenizer),
         )
         self.decode_fn, self.insert_fn, self.finish_fn = sampler.compiled(self.static,
                                                                           self.graphdef)

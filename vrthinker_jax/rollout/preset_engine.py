@@ -26,23 +26,7 @@ from flax import nnx
 
 from vrthinker_jax.models import model as model_lib
 from vrthinker_jax.models import rope
-from vrthinker_jax.rollout import frame_bank, presets, release, render, sampler
-
-STRUCTURAL = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-              "<|video_pad|>")
-
-
-def _known_ids(tokenizer, tokens) -> tuple[int, ...]:
-    """The ids of those tokens the tokenizer has (one without a token cannot write it)."""
-    out = []
-    for t in tokens:
-        try:
-            tid = tokenizer.token_to_id(t)
-        except KeyError:
-            continue
-        if tid is not None:
-            out.append(int(tid))
-    return tuple(out)
+from vrthinker_jax.rollout import chat, frame_bank, presets, release, render, sampler
 
 
 @dataclasses.dataclass
@@ -134,7 +118,7 @@ class PresetEngine:
             patch=frame_bank.PatchSpec.from_model_config(self.cfg),
             vocab_limit=int(tokenizer.vocab_size), serve_fraction=1.0,
             kv_buckets=int(scfg.insert_kv_buckets), prefill_chunk=int(scfg.prefill_chunk),
-            banned_ids=_known_ids(tokenizer, STRUCTURAL),
+            banned_ids=chat.structural_ids(tokenizer),
         )
         self.decode_fn, _, self.finish_fn = sampler.compiled(self.static, self.graphdef)
         self.reprefill_fn = sampler.compiled_reprefill(self.static, self.graphdef)

@@ -642,6 +642,7 @@ def plan_learner(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int) -> S
     batch = {
         "tokens": sds((b, s), jnp.int32), "positions": sds((3, b, s), jnp.int32),
         "valid": sds((b, s), jnp.bool_), "loss_mask": sds((b, s), jnp.bool_),
+        "visual": sds((b, s), jnp.bool_),
         "visible_until": sds((b, s), jnp.int32), "frames": sds((b, f, h, w, 3), jnp.uint8),
         "weight": sds((b,), jnp.float32),
     }

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vrthinker_jax.rollout import chat, memory, protocol
+from vrthinker_jax.rollout import chat, memory, protocol, sampler
 
 
 class ExampleTooLong(ValueError):
@@ -69,6 +69,7 @@ def from_tokenized(
         "valid": _pad(np.ones(n, bool), seq_len, False),
         "loss_mask": _pad(t.trainable, seq_len, False),
         "loss_weight": _pad(t.loss_weights(synthesis_weight), seq_len, 0.0),
+        "visual": _pad(t.frame_of_token >= 0, seq_len, False),
         "visible_until": _pad(t.visible_until(window), seq_len, memory.NEVER),
         "frames": _pad(frame_pixels.astype(np.uint8), max_frames, 0, axis=0),
         "old_logp": np.zeros(seq_len, np.float32),
@@ -113,6 +114,7 @@ def failed_example(seq_len: int, max_frames: int, frame_shape: tuple[int, ...]) 
         "valid": np.zeros(seq_len, bool),
         "loss_mask": np.zeros(seq_len, bool),
         "loss_weight": np.zeros(seq_len, np.float32),
+        "visual": np.zeros(seq_len, bool),
         "visible_until": np.full(seq_len, memory.NEVER, np.int32),
         "frames": np.zeros((max_frames, *frame_shape), np.uint8),
         "old_logp": np.zeros(seq_len, np.float32),
@@ -125,7 +127,8 @@ def from_trajectory(traj, bank: np.ndarray, *, seq_len: int, max_frames: int) ->
 
     Args:
       traj: a finished rollout row with unpadded arrays `tokens` int32 [n], `loss_mask` bool [n]
-        (model-generated tokens), `logp` float32 [n], `positions` int32 [3, n],
+        (model-generated tokens), `kind` int8 [n] (`sampler.VISUAL` on the frames' tokens),
+        `logp` float32 [n], `positions` int32 [3, n],
         `visible_until` int32 [n] and `frames` (global frame number of each occurrence).
       bank: uint8 [2N, H, W, 3] the row's candidate frames.
     """
@@ -144,6 +147,8 @@ def from_trajectory(traj, bank: np.ndarray, *, seq_len: int, max_frames: int) ->
         "valid": _pad(np.ones(n, bool), seq_len, False),
         "loss_mask": _pad(np.asarray(traj.loss_mask, bool), seq_len, False),
         "loss_weight": _pad(np.asarray(traj.loss_mask, np.float32), seq_len, 0.0),
+        # the frames' tokens are the ones the environment inserted as visual (sampler.VISUAL)
+        "visual": _pad(np.asarray(traj.kind) == sampler.VISUAL, seq_len, False),
         "visible_until": _pad(np.asarray(traj.visible_until, np.int32), seq_len, memory.NEVER),
         "frames": _pad(pixels.astype(np.uint8), max_frames, 0, axis=0),
         "old_logp": _pad(np.asarray(traj.logp, np.float32), seq_len),

@@ -204,11 +204,14 @@ def _row_axes(shape, spec: StepSpec) -> tuple[str, ...]:
     return () if first is None else (first,) if isinstance(first, str) else tuple(first)
 
 
-def embed_inputs(model, tokens: jax.Array, frames: jax.Array, spec: StepSpec) -> jax.Array:
-    """Token embeddings with every row's frames merged at its image-pad positions.
+def embed_inputs(model, tokens: jax.Array, frames: jax.Array, spec: StepSpec,
+                 visual: jax.Array) -> jax.Array:
+    """Token embeddings with every row's frames merged at its visual positions.
 
-    tokens int32 [b, s]; frames uint8 [b, f, H, W, 3] (the i-th run of image-pad tokens of a row
-    is its i-th frame; rows with fewer frames pad with anything). Returns [b, s, hidden].
+    tokens int32 [b, s]; frames uint8 [b, f, H, W, 3] (the i-th frame of a row fills the i-th
+    run of its visual positions; rows with fewer frames pad with anything); visual bool [b, s]:
+    the positions of frame tokens, from how the row was built (a pad id in text is text).
+    Returns [b, s, hidden].
     """
     from vrthinker_jax.models import model as model_lib
 
@@ -230,11 +233,11 @@ def embed_inputs(model, tokens: jax.Array, frames: jax.Array, spec: StepSpec) ->
                    in_axes=(None, 0), spmd_axis_name=axes or None)(model, frames)
     vis = constrain_rows(vis.reshape(b, -1, vis.shape[-1]).astype(embeds.dtype), spec)
 
-    # merge per row: merge_visual_embeds is row-major over its batch, and rows pad frames
-    def one(e, t, v):
-        return model_lib.merge_visual_embeds(e[None], t[None], v, (spec.image_pad_id,))[0]
+    # merge per row: merge_visual_at is row-major over its batch, and rows pad frames
+    def one(e, m, v):
+        return model_lib.merge_visual_at(e[None], m[None], v)[0]
 
-    return jax.vmap(one)(embeds, tokens, vis)
+    return jax.vmap(one)(embeds, visual, vis)
 
 
 def sequence_token_stats(
@@ -244,7 +247,7 @@ def sequence_token_stats(
     at `temperature`: frames merged, memory-window mask built in-jit from the compact per-token
     form (key k visible to query q iff k <= q < visible_until[k]); the vocabulary projection
     runs `model.lm_head_chunk` positions at a time (`losses.chunked_token_stats`)."""
-    embeds = embed_inputs(model, batch["tokens"], batch["frames"], spec)
+    embeds = embed_inputs(model, batch["tokens"], batch["frames"], spec, batch["visual"])
     mask = memory.attention_mask(batch["visible_until"], batch["valid"])
     seq = 1 if model.config.get("seq_parallel", False) else None
     hidden, _ = model(batch["tokens"], batch["positions"], mask, inputs_embeds=embeds,
@@ -360,8 +363,8 @@ def grpo_step(
 # --------------------------------------------------------------------------- compile
 
 
-STEP_KEYS = ("tokens", "positions", "valid", "loss_mask", "loss_weight", "visible_until",
-             "frames", "weight", "old_logp", "ref_logp", "advantages")
+STEP_KEYS = ("tokens", "positions", "valid", "loss_mask", "loss_weight", "visual",
+             "visible_until", "frames", "weight", "old_logp", "ref_logp", "advantages")
 STEPS = {"sft": sft_step, "grpo": grpo_step}
 
 

@@ -267,8 +267,7 @@ class PresetEngine:
             state = self._reprefill(state, serve, cached, b)
             t0 = time.perf_counter()
             state = self.decode_fn(self.params, state)  # serve_fraction 1: until no row runs
-            status, index, tokens = jax.device_get((state.status, state.cache_index,
-                                                    state.tokens))
+            index, tokens = jax.device_get((state.cache_index, state.tokens))
             self.stats["decode_s"] += time.perf_counter() - t0
             done = np.zeros(b, bool)
             turn_start = {i: len(v.input_ids[0]) for i, v in serve.items()}
@@ -276,7 +275,7 @@ class PresetEngine:
             for i, start in turn_start.items():
                 cached[i] = tokens[i, :index[i]].copy()
                 ids = tokens[i, start:index[i]]
-                if self._after_turn(rows[i], ids, start, int(status[i]), i, script):
+                if self._after_turn(rows[i], ids, start, i, script):
                     serve[i] = self._render(rows[i], True)
                     if serve[i].input_ids.shape[1] + 1 >= self.static.max_len:
                         rows[i].stop = "cache_full"
@@ -295,7 +294,7 @@ class PresetEngine:
         row.prompt_ids, row.prompt_len = out.input_ids[0], out.input_ids.shape[1]
         return out
 
-    def _after_turn(self, row: _Row, ids: np.ndarray, prompt_len: int, status: int, i: int,
+    def _after_turn(self, row: _Row, ids: np.ndarray, prompt_len: int, i: int,
                     script) -> bool:
         """Records a finished turn and serves its tool call; False when the row ends (E:2446-2520
         for the stop rules)."""
@@ -305,18 +304,18 @@ class PresetEngine:
             text = script(i, len(row.turns), text)
         row.turns.append(text)
         row.generated.append(np.asarray(ids))
-        hist = release.history_text(p, text)
+        turn = release.read_turn(p, text)
+        hist = turn.history
         row.history.append(hist)
-        wants = release.wants_tool(p, text)
-        fmt = release.turn_format_ok(p, text)
         stop = None
-        if not wants:  # a turn cut by the token cap is read as it stands, as the release does
+        # a turn cut by the token cap is read as it stands, as the release does
+        if not turn.wants_tool:
             stop = "done"
         elif len(row.tool_frames) >= p.budget.max_tool_calls:
             stop = "tool_budget"
         elif prompt_len + len(ids) > p.budget.max_total_tokens:
             stop = "tokens"
-        elif not fmt:
+        elif not turn.format_ok:
             stop = "format"
         if stop is not None:
             row.conv.messages.append({"role": "assistant",

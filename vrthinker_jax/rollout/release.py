@@ -193,27 +193,32 @@ def release_process(text: str) -> tuple[str, bool]:
     return text, False
 
 
+@dataclasses.dataclass(frozen=True)
+class TurnReading:
+    """What the environment reads from one generated turn: `history`, the text fed back in
+    later prompts; `wants_tool`, whether it ends in `</tool_call>` once cleaned (E:2509);
+    `format_ok`, whether it passes the release's format check (in effect, whether `process`
+    found a tag set: E:2446-2505 reset the flag, then `or` it with process's; a failed row
+    ends)."""
+
+    history: str
+    wants_tool: bool
+    format_ok: bool
+
+
+def read_turn(preset: presets.Preset, raw: str) -> TurnReading:
+    """The preset's reading of a generated turn (one pass of the release's rewrite)."""
+    if preset.history.rule == "verbatim":
+        return TurnReading(raw, raw.rstrip().endswith(TOOL_END), True)
+    text, ok = release_process(clean_turn(raw).replace(IM_END, ""))
+    at = text.find("<synthesis>")
+    text = text[at:] if at >= 0 else text
+    return TurnReading(text, text.endswith(TOOL_END), ok)
+
+
 def history_text(preset: presets.Preset, raw: str) -> str:
     """The assistant turn as it is fed back in later prompts."""
-    if preset.history.rule == "verbatim":
-        return raw
-    text, _ = release_process(clean_turn(raw).replace(IM_END, ""))
-    at = text.find("<synthesis>")
-    return text[at:] if at >= 0 else text
-
-
-def turn_format_ok(preset: presets.Preset, raw: str) -> bool:
-    """Whether a turn passes the release's format check: in effect, whether `process` found a
-    tag set (E:2446-2505 reset the flag, then `or` it with process's; a failed row ends)."""
-    if preset.history.rule == "verbatim":
-        return True
-    return release_process(clean_turn(raw).replace(IM_END, ""))[1]
-
-
-def wants_tool(preset: presets.Preset, raw: str) -> bool:
-    """Whether a turn asks for the tool: it ends in `</tool_call>` once cleaned (E:2509)."""
-    text = history_text(preset, raw) if preset.history.rule != "verbatim" else raw.rstrip()
-    return text.endswith(TOOL_END)
+    return read_turn(preset, raw).history
 
 
 # --------------------------------------------------------------------------- verdict
@@ -260,10 +265,11 @@ def replay(preset: presets.Preset, prompt: str, candidates: np.ndarray, turns: l
                          f"{preset.budget.max_tool_calls} tool calls, so at most that many "
                          "turns can be followed by a prompt")
     for k, raw in enumerate(turns):
-        if not wants_tool(preset, raw):
+        turn = read_turn(preset, raw)
+        if not turn.wants_tool:
             raise ValueError(f"turn {k + 1} does not end in a tool call, so the row ends there")
         conv.messages.append({"role": "assistant",
-                              "content": [{"type": "text", "text": history_text(preset, raw)}]})
+                              "content": [{"type": "text", "text": turn.history}]})
         result = parse_call(preset, raw)
         last = k + 1 == preset.budget.max_tool_calls
         conv.messages.append(response_message(preset, result, conv, candidates, last=last))

@@ -144,6 +144,9 @@ class Conversation:
     messages: list[dict]
     images: list[np.ndarray]
     video: np.ndarray | None = None
+    # preprocessed pixels by item ("video" or an image's index): a rollout renders the same
+    # conversation again every turn, and its frames do not change
+    patches: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def add_image(self, frame: np.ndarray) -> dict:
         self.images.append(frame)
@@ -237,22 +240,29 @@ def _expand(text: str, pad: str, counts: Sequence[int]) -> str:
     return "".join(out)
 
 
-def encode(
-    text: str, images: Sequence[np.ndarray], video: np.ndarray | None,
-    preset: presets.Preset, tokenizer,
-) -> ModelInputs:
-    """Rendered text + the pixels of its visual items (in order) -> model inputs, as the
-    processor call does: pixels within the preset's budgets, pads expanded, one tokenization."""
+def _patches(conv: Conversation, kept: Sequence[int], preset: presets.Preset):
+    """(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts)
+    of the kept images and the video, each item preprocessed once per conversation."""
     cfg = processor_cfg(preset)
-    merge = cfg.merge_size**2
     width = 3 * cfg.temporal_patch_size * cfg.patch_size**2
-    pv, grid = np.zeros((0, width), np.float32), np.zeros((0, 3), np.int64)
-    if images:
-        pv, grid = proc.preprocess_images(list(images), cfg)
-    pvv, vgrid = np.zeros((0, width), np.float32), np.zeros((0, 3), np.int64)
-    seconds = np.zeros((0,), np.float32)
-    if video is not None:
-        pvv, vgrid, seconds = proc.preprocess_video(video, preset.pixels.video_fps, cfg)
+    for i in kept:
+        if i not in conv.patches:
+            conv.patches[i] = proc.preprocess_images([conv.images[i]], cfg)
+    pv = np.concatenate([conv.patches[i][0] for i in kept] or [np.zeros((0, width), np.float32)])
+    grid = np.concatenate([conv.patches[i][1] for i in kept] or [np.zeros((0, 3), np.int64)])
+    if conv.video is None:
+        return (pv, grid, np.zeros((0, width), np.float32), np.zeros((0, 3), np.int64),
+                np.zeros((0,), np.float32))
+    if "video" not in conv.patches:
+        conv.patches["video"] = proc.preprocess_video(conv.video, preset.pixels.video_fps, cfg)
+    return (pv, grid, *conv.patches["video"])
+
+
+def encode(text: str, pixels: tuple, tokenizer, merge_size: int) -> ModelInputs:
+    """Rendered text + its visual items' pixels (`_patches`) -> model inputs, as the processor
+    call does: pads expanded to each item's merged patch count, one tokenization."""
+    pv, grid, pvv, vgrid, seconds = pixels
+    merge = merge_size**2
     expanded = _expand(text, IMAGE_PAD, [int(np.prod(g)) // merge for g in grid])
     expanded = _expand(expanded, VIDEO_PAD, [int(np.prod(g)) // merge for g in vgrid])
     ids = np.asarray([tokenizer.encode(expanded)], np.int64)
@@ -271,5 +281,6 @@ def render(
     if len(keep) != len(conv.images):
         raise ValueError(f"render: the text has {len(keep)} images, the conversation "
                          f"{len(conv.images)} (a message text must not contain {IMAGE_ITEM})")
-    images = [im for im, k in zip(conv.images, keep) if k]
-    return encode(text, images, conv.video, preset, tokenizer)
+    kept = [i for i, k in enumerate(keep) if k]
+    return encode(text, _patches(conv, kept, preset), tokenizer,
+                  processor_cfg(preset).merge_size)

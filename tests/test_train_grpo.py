@@ -124,7 +124,8 @@ def test_grpo_update_follows_the_advantage():
                                        steps.make_optimizer(cfg.optimizer))
         fn = steps.step_fn("grpo", graphdef=rt.graphdef, spec=rt.spec,
                            optimizer=cfg.optimizer, state=state, batch_like=batch,
-                           temperature=1.0, clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.05)
+                           temperature=1.0, loss=(("clip_eps", 0.2), ("clip_eps_high", 0.28),
+                                                    ("kl_coef", 0.05)))
         state, m = fn(state, batch)
         assert abs(m["ratio_mean"] - 1.0) < 1e-4 and abs(m["kl"]) < 1e-6
         assert m["clip_frac"] == 0.0 and int(m["skipped"]) == 0

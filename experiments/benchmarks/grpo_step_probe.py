@@ -101,8 +101,7 @@ def main(argv=None) -> int:
     def grad(params):
         def loss(params):
             val, _ = losses.grpo_loss(row_logp_of(params), old, None, batch["advantages"], mask,
-                                      clip_eps=float(cfg.grpo.clip_eps),
-                                      clip_eps_high=float(cfg.grpo.clip_eps_high))
+                                      **{**losses.grpo_loss_options(cfg.grpo), "kl_coef": 0.0})
             return val
         return jax.grad(loss)(params)
 

@@ -628,7 +628,7 @@ def plan_learner(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int) -> S
 
     from vrthinker_jax import sharding
     from vrthinker_jax.rollout import frame_bank
-    from vrthinker_jax.train import steps
+    from vrthinker_jax.train import losses, steps
 
     mcfg = cfg.model
     kind = "grpo" if cfg.get("stage") == "grpo" else "sft"
@@ -652,8 +652,7 @@ def plan_learner(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int) -> S
         batch.update(old_logp=sds((b, s), jnp.float32), ref_logp=sds((b, s - 1), jnp.float32),
                      advantages=sds((b,), jnp.float32))
         static = dict(temperature=float(cfg.sampling.temperature) or 1.0,
-                      clip_eps=float(g.clip_eps), clip_eps_high=g.clip_eps_high,
-                      kl_coef=float(g.kl_coef))
+                      loss=tuple(sorted(losses.grpo_loss_options(g).items())))
     tx = steps.make_optimizer(cfg.optimizer)
     abs_state = jax.eval_shape(lambda p: steps.init_train_state(p, tx), abs_params)
     spec = steps.StepSpec(frame_bank.PatchSpec.from_model_config(mcfg), int(mcfg.image_token_id))

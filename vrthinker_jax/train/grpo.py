@@ -288,8 +288,7 @@ def run_grpo(
                 update_fn = steps.step_fn(
                     "grpo", graphdef=rt.graphdef, spec=rt.spec, optimizer=cfg.optimizer,
                     state=state, batch_like=batches[0], mesh=rt.mesh, temperature=temperature,
-                    clip_eps=float(g.clip_eps), clip_eps_high=float(g.clip_eps_high),
-                    kl_coef=float(g.kl_coef),
+                    loss=tuple(sorted(losses.grpo_loss_options(g).items())),
                 )
             for _ in range(int(g.inner_updates)):
                 for batch in batches:

@@ -122,6 +122,17 @@ def kl_k3(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
     return jnp.exp(d) - d - 1.0
 
 
+def grpo_loss_options(grpo_cfg) -> dict:
+    """The keyword options of `grpo_loss` from a config's `grpo` block: the one place that maps
+    config values to the objective (the step, the planner and the probes all call this)."""
+    hi = grpo_cfg.get("clip_eps_high")
+    return {
+        "clip_eps": float(grpo_cfg.clip_eps),
+        "clip_eps_high": None if hi is None else float(hi),
+        "kl_coef": float(grpo_cfg.kl_coef),
+    }
+
+
 def grpo_loss(
     logp: jax.Array,
     old_logp: jax.Array,

@@ -331,9 +331,12 @@ def sequence_logprobs(
 
 def grpo_step(
     state: TrainState, batch: dict, *, graphdef, tx, spec: StepSpec, temperature: float,
-    clip_eps: float, clip_eps_high: float | None, kl_coef: float,
+    loss: tuple,
 ) -> tuple[TrainState, dict]:
     """One GRPO update: token-level clipped ratio over model-generated tokens, k3 KL.
+
+    loss: `losses.grpo_loss_options(cfg.grpo)` as sorted (name, value) pairs (hashable: the
+    compiled step is cached per setting).
 
     batch adds: old_logp float32 [b, s] (rollout log-prob of each generated token at its own
     position), ref_logp float32 [b, s-1] (aligned like token_logprobs), advantages float32 [b],
@@ -341,15 +344,15 @@ def grpo_step(
     """
     mask = batch["loss_mask"][:, 1:] & batch["valid"][:, 1:] & (_row_weight(batch)[:, None] > 0)
     old = batch["old_logp"][:, 1:]
+    options = dict(loss)
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params)
         logp, ent = sequence_token_stats(model, batch, spec, temperature=temperature,
                                          entropy=True)
         loss, m = losses.grpo_loss(
-            logp, old, batch["ref_logp"] if kl_coef else None, batch["advantages"], mask,
-            clip_eps=clip_eps, clip_eps_high=clip_eps_high, kl_coef=kl_coef,
-        )
+            logp, old, batch["ref_logp"] if options.get("kl_coef") else None,
+            batch["advantages"], mask, **options)
         m["entropy"] = losses.masked_mean(jax.lax.stop_gradient(ent), mask)
         m["policy_tokens"] = jnp.sum(mask)
         return loss, m

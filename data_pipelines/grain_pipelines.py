@@ -17,27 +17,31 @@ with `vrthinker_jax.distributed.put_rows`, trains on exactly the global batches 
 (same rows, same order): process i's rows are global rows [i * b, (i + 1) * b) of each batch.
 
 Nothing is dropped silently. A row whose video cannot be decoded, whose trace is invalid, or whose
-conversation does not fit the static shapes stays in its batch with `failed=True`, a `status`
-code and an `error` string, and contributes nothing to the loss (its `valid` / `loss_mask` are
-all False). `scan_traces` counts the over-long traces before training starts. Finite runs pad
-every epoch to a multiple of (processes x per-process batch) with rows of status PADDING, so every
-process yields the same number of full batches and no real row is dropped.
+conversation does not fit the static shapes stays in its batch as a failed row (`failed=True`,
+a `status` code, an `error` string, weight 0, no valid token). `scan_traces` counts the
+over-long traces before training starts. Finite runs pad every epoch to a multiple of
+(processes x per-process batch) with rows of status PADDING, so every process yields the same
+number of full batches and no real row is dropped.
 
-Sequences are padded (not packed) to `seq_len`: packing several conversations into one row would
-need per-segment M-RoPE restarts and block-diagonal visibility on top of the memory-window mask.
+Rows, failed rows and their batches are built by `vrthinker_jax.train.examples` (the one
+builder, shared with the in-memory pipeline of `train/sft.py` and with GRPO's trajectory rows);
+this module is the Grain side: sources, decoding videos into frames, shuffling, sharding,
+batching and iterators. Sequences are padded (not packed) to `seq_len`: packing several
+conversations into one row would need per-segment M-RoPE restarts and block-diagonal
+visibility on top of the memory-window mask.
 
 Candidate frame k (1-based) of a video is frame `video.sample_indices(num_frames, N)[k - 1]`;
 global frame g refers to video 1's candidate g (g <= N) or video 2's candidate g - N.
 
 Batches (per process, b = batch_size / process_count):
 
-  sft_dataset:    tokens int32 [b, seq], loss_mask bool [b, seq], loss_weight float32 [b, seq],
-                  valid bool [b, seq],
-                  visible_until int32 [b, seq], positions int32 [3, b, seq],
-                  frames uint8 [b, max_frames, H, W, 3], frame_mask bool [b, max_frames],
-                  status int32 [b], failed bool [b], id / error: list[str]
-  prompt_dataset: bank uint8 [b, 2N, H, W, 3], labels int32 [b, 4] (TA, MQ, VQ, OA),
-                  status int32 [b], failed bool [b], id / prompt / error: list[str]
+  sft_dataset:    the keys of `examples.collate` (tokens int32 [b, seq], positions int32
+                  [3, b, seq], frames uint8 [b, max_frames, H, W, 3], frame_mask bool
+                  [b, max_frames], weight float32 [b], status int32 [b], failed bool [b],
+                  id / error: list[str], ...)
+  prompt_dataset: the keys of `examples.collate_prompts` (bank uint8 [b, 2N, H, W, 3], labels
+                  int32 [b, 4] (TA, MQ, VQ, OA), status int32 [b], failed bool [b],
+                  id / prompt / error: list[str])
 """
 
 from __future__ import annotations
@@ -56,19 +60,10 @@ import numpy as np
 
 from data_pipelines import processor, schema
 from data_pipelines import video as video_lib
-from vrthinker_jax.rollout import chat, memory, protocol
+from vrthinker_jax.rollout import chat, frame_bank, protocol
+from vrthinker_jax.train import examples
 
 log = logging.getLogger(__name__)
-
-# per-row status codes (batch["status"]); failed = status != OK
-OK = 0
-DECODE_ERROR = 1  # a video could not be read (missing, corrupt, ...)
-TOO_LONG = 2  # the conversation needs more than seq_len tokens or max_frames frames
-INVALID_TRACE = 3  # the trace does not render under the protocol
-PADDING = 4  # filler row that completes the last batch of a finite run
-STATUS_NAMES = {OK: "ok", DECODE_ERROR: "decode_error", TOO_LONG: "too_long",
-                INVALID_TRACE: "invalid_trace", PADDING: "padding"}
-
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
     """Knobs of both pipelines."""
@@ -232,167 +227,58 @@ def occurrence_frames(
     return out
 
 
-# --------------------------------------------------------------------------- SFT examples
+# --------------------------------------------------------------------------- SFT rows
 
 
-@dataclasses.dataclass(frozen=True)
-class VisionLayout:
-    """How a (H, W) frame maps to visual tokens under the model's patch / merge config."""
-
-    frame_size: tuple[int, int]
-    patch_size: int
-    merge_size: int
-
-    @classmethod
-    def from_model_config(cls, model_cfg, frame_size: Sequence[int]) -> VisionLayout:
-        v = model_cfg.vision
-        layout = cls((int(frame_size[0]), int(frame_size[1])), int(v.patch_size),
-                     int(v.spatial_merge_size))
-        factor = layout.patch_size * layout.merge_size
-        if layout.frame_size[0] % factor or layout.frame_size[1] % factor:
-            raise ValueError(
-                f"data.frame_size={layout.frame_size} is not a multiple of patch_size * "
-                f"spatial_merge_size = {factor}"
-            )
-        return layout
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        """(t, h, w) patch grid of one frame shown as an image."""
-        return 1, self.frame_size[0] // self.patch_size, self.frame_size[1] // self.patch_size
-
-    @property
-    def tokens_per_frame(self) -> int:
-        _, gh, gw = self.grid
-        return gh * gw // self.merge_size**2
-
-
-def _trace_protocol(trace: Mapping, pcfg: protocol.ProtocolConfig) -> protocol.ProtocolConfig:
-    n = int(trace.get("num_candidates") or pcfg.num_candidates)
-    return pcfg if n == pcfg.num_candidates else dataclasses.replace(pcfg, num_candidates=n)
-
-
-def tokenize_trace(trace: Mapping, tokenizer, pcfg, layout: VisionLayout) -> chat.Tokenized:
-    """A trace's segments as tokens (raises ValueError for a trace that does not render)."""
-    segments = protocol.trace_segments(trace, _trace_protocol(trace, pcfg))
-    return chat.tokenize_segments(tokenizer, segments, layout.tokens_per_frame)
-
-
-def _pad(x: np.ndarray, length: int, value=0, axis: int = -1) -> np.ndarray:
-    width = [(0, 0)] * x.ndim
-    width[axis] = (0, length - x.shape[axis])
-    return np.pad(x, width, constant_values=value)
-
-
-def empty_sft_example(seq_len, max_frames, frame_size, *, status, error="", id="") -> dict:  # noqa: A002
-    """A row that trains on nothing (all-False valid / loss_mask) carrying why."""
-    h, w = frame_size
-    return {
-        "tokens": np.zeros(seq_len, np.int32),
-        "loss_mask": np.zeros(seq_len, bool),
-        "loss_weight": np.zeros(seq_len, np.float32),
-        "visual": np.zeros(seq_len, bool),
-        "valid": np.zeros(seq_len, bool),
-        "visible_until": np.full(seq_len, memory.NEVER, np.int32),
-        "positions": np.zeros((3, seq_len), np.int32),
-        "frames": np.zeros((max_frames, h, w, 3), np.uint8),
-        "frame_mask": np.zeros(max_frames, bool),
-        "status": np.int32(status),
-        "failed": np.bool_(status != OK),
-        "error": str(error),
-        "id": str(id),
-    }
+def merged_grid(model_cfg, frame_size: Sequence[int]) -> tuple[int, int]:
+    """(rows, cols) of a frame's visual tokens under the model's patch / merge sizes
+    (`frame_bank.PatchSpec`); raises naming data.frame_size when they do not divide it."""
+    h, w = int(frame_size[0]), int(frame_size[1])
+    try:
+        return frame_bank.PatchSpec.from_model_config(model_cfg).merged_grid(h, w)
+    except ValueError as e:
+        raise ValueError(f"data.frame_size=({h}, {w}): {e}") from None
 
 
 @dataclasses.dataclass
 class TraceToExample(grain.transforms.Map):
-    """A trace record -> one fixed-shape SFT row.
-
-    tokens int32 [seq]; loss_mask bool [seq] (assistant text only); valid bool [seq];
-    visible_until int32 [seq] (memory window, see rollout/memory.py); positions int32 [3, seq]
-    (M-RoPE; every frame an image with grid (1, h, w)); frames uint8 [max_frames, H, W, 3] (the
-    frame occurrences in order) with frame_mask bool [max_frames]; status int32, failed bool,
-    error str, id str.
-    """
+    """A trace record -> one fixed-shape SFT row (`vrthinker_jax.train.examples`: the same
+    builder as the in-memory pipeline), or a failed row saying why. Only the Grain side lives
+    here: reading the record and decoding the frame occurrences from its videos."""
 
     tokenizer: object
     pcfg: protocol.ProtocolConfig
-    model_cfg: object
-    layout: VisionLayout
+    merged_grid: tuple[int, int]  # (rows, cols) of a frame's visual tokens after the merge
+    frame_size: tuple[int, int]  # (H, W) every frame is resized to
     seq_len: int
     max_frames: int
-    synthesis_weight: float = 1.0  # loss weight of synthesis tokens (data.synthesis_weight)
+    synthesis_weight: float  # loss weight of synthesis tokens (data.synthesis_weight)
 
     def map(self, record):
+        shape = (*self.frame_size, 3)
         if record.get("_padding"):
-            return self._empty(PADDING)
+            return examples.failed_example(self.seq_len, self.max_frames, shape,
+                                           status=examples.PADDING)
         rid = record.get("id", "")
         rid = rid.decode("utf-8") if isinstance(rid, bytes) else str(rid)
         try:
             rec = as_record(record, where=f"trace {rid!r}")
-            t = tokenize_trace(rec, self.tokenizer, self.pcfg, self.layout)
         except (ValueError, KeyError, TypeError) as e:
-            return self._empty(INVALID_TRACE, f"trace {rid!r}: {e}", rid)
-        n, k = len(t.ids), len(t.frames)
-        if n > self.seq_len or k > self.max_frames:
-            return self._empty(
-                TOO_LONG, f"trace {rid!r}: {n} tokens / {k} frames exceed seq_len="
-                f"{self.seq_len} / max_frames={self.max_frames}", rid,
-            )
-        try:
-            pixels = occurrence_frames(
-                rec, t.frames, _trace_protocol(rec, self.pcfg).num_candidates,
-                self.layout.frame_size,
-            )
-        except (video_lib.VideoError, OSError, IndexError) as e:
-            return self._empty(DECODE_ERROR, f"trace {rid!r}: {e}", rid)
-        return self._example(t, pixels, rid)
+            return examples.failed_example(self.seq_len, self.max_frames, shape,
+                                           status=examples.INVALID_TRACE,
+                                           error=f"record {rid!r}: {e}", id=rid)
+        tp = examples.trace_protocol(rec, self.pcfg)
 
-    def _empty(self, status, error="", rid=""):
-        return empty_sft_example(self.seq_len, self.max_frames, self.layout.frame_size,
-                                 status=status, error=error, id=rid)
+        def pixels_of(frames):
+            try:
+                return occurrence_frames(rec, frames, tp.num_candidates, self.frame_size)
+            except (video_lib.VideoError, OSError, IndexError) as e:
+                raise examples.FramesUnavailable(str(e)) from e
 
-    def _example(self, t: chat.Tokenized, pixels: np.ndarray, rid: str) -> dict:
-        from vrthinker_jax.models import rope
-
-        if int(self.model_cfg.image_token_id) != int(self.tokenizer.token_to_id(chat.IMAGE_PAD)):
-            raise ValueError(
-                f"model image_token_id={self.model_cfg.image_token_id} but the tokenizer's "
-                f"{chat.IMAGE_PAD} is {self.tokenizer.token_to_id(chat.IMAGE_PAD)}"
-            )
-        n, k = len(t.ids), len(t.frames)
-        grids = np.asarray([self.layout.grid] * k, np.int64).reshape(-1, 3)
-        pos, _ = rope.get_rope_index(self.model_cfg, t.ids[None], image_grid_thw=grids if k
-                                     else None)
-        frame_mask = np.zeros(self.max_frames, bool)
-        frame_mask[:k] = True
-        return {
-            "tokens": _pad(t.ids.astype(np.int32), self.seq_len),
-            "loss_mask": _pad(t.trainable, self.seq_len, False),
-            "loss_weight": _pad(t.loss_weights(self.synthesis_weight), self.seq_len, 0.0),
-            "visual": _pad(t.frame_of_token >= 0, self.seq_len, False),
-            "valid": _pad(np.ones(n, bool), self.seq_len, False),
-            "visible_until": _pad(
-                t.visible_until(self.pcfg.memory_window).astype(np.int32), self.seq_len,
-                memory.NEVER,
-            ),
-            "positions": _pad(pos[:, 0].astype(np.int32), self.seq_len),
-            "frames": _pad(pixels, self.max_frames, 0, axis=0),
-            "frame_mask": frame_mask,
-            "status": np.int32(OK),
-            "failed": np.bool_(False),
-            "error": "",
-            "id": rid,
-        }
-
-
-def collate_sft(rows: Sequence[dict]) -> dict:
-    """Stacks rows; `positions` becomes [3, batch, seq] (the model's layout); id/error lists."""
-    out = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k not in ("id", "error")}
-    out["positions"] = np.transpose(out["positions"], (1, 0, 2))
-    out["id"] = [r["id"] for r in rows]
-    out["error"] = [r["error"] for r in rows]
-    return out
+        return examples.example_or_failed(
+            lambda: protocol.trace_segments(rec, tp), pixels_of, self.tokenizer, pcfg=self.pcfg,
+            seq_len=self.seq_len, max_frames=self.max_frames, merged_grid=self.merged_grid,
+            frame_shape=shape, synthesis_weight=self.synthesis_weight, id=rid)
 
 
 @dataclasses.dataclass
@@ -413,16 +299,17 @@ class TraceScan:
         )
 
 
-def scan_traces(records, tokenizer, pcfg, layout: VisionLayout, *, seq_len: int,
+def scan_traces(records, tokenizer, pcfg, grid: tuple[int, int], *, seq_len: int,
                 max_frames: int) -> TraceScan:
-    """Tokenises every trace (no video decoding) and counts those that will not fit."""
+    """Tokenises every trace (no video decoding; `grid`: a frame's merged token grid) and
+    counts those that will not fit."""
     scan = TraceScan()
     for i in range(len(records)):
         rec = as_record(records[i])
         scan.total += 1
         try:
-            t = tokenize_trace(rec, tokenizer, pcfg, layout)
-        except (ValueError, KeyError, TypeError):
+            t = examples.tokenize_trace(rec, tokenizer, pcfg, grid)
+        except examples.InvalidConversation:
             scan.invalid.append(rec["id"])
             continue
         scan.max_tokens = max(scan.max_tokens, len(t.ids))
@@ -432,13 +319,13 @@ def scan_traces(records, tokenizer, pcfg, layout: VisionLayout, *, seq_len: int,
     return scan
 
 
-# --------------------------------------------------------------------------- prompt examples
+# --------------------------------------------------------------------------- prompt rows
 
 
 @dataclasses.dataclass
 class PairToPrompt(grain.transforms.Map):
-    """A pair record -> GRPO/eval prompt row: id str, prompt str, bank uint8 [2N, H, W, 3],
-    labels int32 [4] (TA, MQ, VQ, OA), status int32, failed bool, error str."""
+    """A pair record -> GRPO/eval prompt row (`examples.prompt_row`): its candidate frames
+    decoded into a bank, or a failed row saying why."""
 
     num_candidates: int
     frame_size: tuple[int, int]
@@ -446,28 +333,16 @@ class PairToPrompt(grain.transforms.Map):
     def map(self, record):
         shape = (2 * self.num_candidates, *self.frame_size, 3)
         if record.get("_padding"):
-            return self._row("", "", np.zeros(shape, np.uint8), schema.labels_array({}), PADDING)
+            return examples.prompt_row("", "", np.zeros(shape, np.uint8),
+                                       schema.labels_array({}), status=examples.PADDING)
         rec = as_record(record)
         labels = schema.labels_array(rec["labels"])
         try:
             bank = pair_bank(rec, self.num_candidates, self.frame_size)
         except (video_lib.VideoError, OSError, IndexError) as e:
-            return self._row(rec["id"], rec["prompt"], np.zeros(shape, np.uint8), labels,
-                             DECODE_ERROR, str(e))
-        return self._row(rec["id"], rec["prompt"], bank, labels, OK)
-
-    @staticmethod
-    def _row(rid, prompt, bank, labels, status, error=""):
-        return {"id": rid, "prompt": prompt, "bank": bank, "labels": labels,
-                "status": np.int32(status), "failed": np.bool_(status != OK), "error": error}
-
-
-def collate_prompts(rows: Sequence[dict]) -> dict:
-    """bank [b, 2N, H, W, 3], labels [b, 4], status [b], failed [b]; id/prompt/error lists."""
-    out = {k: np.stack([r[k] for r in rows]) for k in ("bank", "labels", "status", "failed")}
-    for k in ("id", "prompt", "error"):
-        out[k] = [r[k] for r in rows]
-    return out
+            return examples.prompt_row(rec["id"], rec["prompt"], np.zeros(shape, np.uint8),
+                                       labels, status=examples.DECODE_ERROR, error=str(e))
+        return examples.prompt_row(rec["id"], rec["prompt"], bank, labels)
 
 
 # --------------------------------------------------------------------------- dataset plumbing
@@ -558,29 +433,42 @@ def _rows(source, cfg, *, process_index=None, process_count=None) -> grain.MapDa
     return ds if count == 1 else _BatchBlocks(ds, index, count, local)
 
 
+def _sft_grid(cfg, tokenizer, model_cfg, tokens_per_frame, grid) -> tuple[int, int]:
+    """A frame's merged token grid from cfg.frame_size and the model, checked against the
+    tokenizer's image pad id and the callers' expectations."""
+    h, w = (int(x) for x in cfg.frame_size)
+    patch = frame_bank.PatchSpec.from_model_config(model_cfg)
+    merged = merged_grid(model_cfg, (h, w))
+    if tokens_per_frame is not None and int(tokens_per_frame) != merged[0] * merged[1]:
+        raise ValueError(f"tokens_per_frame={tokens_per_frame} but data.frame_size=({h}, {w}) "
+                         f"gives {merged[0] * merged[1]}")
+    if grid is not None and tuple(int(g) for g in grid) != patch.grid_thw(h, w):
+        raise ValueError(f"grid={tuple(grid)} but data.frame_size=({h}, {w}) gives "
+                         f"{patch.grid_thw(h, w)}")
+    pad = tokenizer.token_to_id(chat.IMAGE_PAD)
+    if int(model_cfg.image_token_id) != int(pad):
+        raise ValueError(f"model image_token_id={model_cfg.image_token_id} but the tokenizer's "
+                         f"{chat.IMAGE_PAD} is {pad}")
+    return merged
+
+
 def sft_dataset(
     traces, cfg, *, tokenizer, pcfg: protocol.ProtocolConfig, model_cfg,
     process_index: int | None = None, process_count: int | None = None,
     tokens_per_frame: int | None = None, grid: Sequence[int] | None = None,
 ) -> grain.MapDataset:
-    """SFT / RFT batches (see `TraceToExample`, `collate_sft`) of this process.
+    """SFT / RFT batches (`TraceToExample` rows, `examples.collate`) of this process.
 
     traces: trace records (list of dicts, a `vrthinker_cot` JSONL path, or a TFDS source).
     Per-process batch = cfg.batch_size / process_count. Visual tokens per frame and the frame
     grid follow from cfg.frame_size and the model's patch / merge sizes; `tokens_per_frame` /
     `grid`, when given (e.g. by the rollout runtime), must agree with them.
     """
-    layout = VisionLayout.from_model_config(model_cfg, cfg.frame_size)
-    if tokens_per_frame is not None and int(tokens_per_frame) != layout.tokens_per_frame:
-        raise ValueError(f"tokens_per_frame={tokens_per_frame} but data.frame_size="
-                         f"{layout.frame_size} gives {layout.tokens_per_frame}")
-    if grid is not None and tuple(int(g) for g in grid) != layout.grid:
-        raise ValueError(f"grid={tuple(grid)} but data.frame_size={layout.frame_size} gives "
-                         f"{layout.grid}")
+    merged = _sft_grid(cfg, tokenizer, model_cfg, tokens_per_frame, grid)
     if isinstance(traces, str):
         traces = read_records(traces)
     if cfg.scan_traces:
-        scan = scan_traces(traces, tokenizer, pcfg, layout, seq_len=cfg.seq_len,
+        scan = scan_traces(traces, tokenizer, pcfg, merged, seq_len=cfg.seq_len,
                            max_frames=cfg.max_frames)
         if scan.total and len(scan.too_long) + len(scan.invalid) == scan.total:
             # fail before the model compiles: a run on these rows would learn nothing
@@ -590,21 +478,25 @@ def sft_dataset(
             log.warning("sft data: %s (kept as failed rows)", scan.summary())
     _, count = process_shard(cfg, process_index, process_count)
     ds = _rows(traces, cfg, process_index=process_index, process_count=process_count)
-    ds = ds.map(TraceToExample(tokenizer, pcfg, model_cfg, layout, int(cfg.seq_len),
-                               int(cfg.max_frames), float(cfg.get("synthesis_weight", 1.0))))
-    return ds.batch(local_batch_size(cfg, count), drop_remainder=True, batch_fn=collate_sft)
+    size = (int(cfg.frame_size[0]), int(cfg.frame_size[1]))
+    ds = ds.map(TraceToExample(tokenizer, pcfg, merged, size, int(cfg.seq_len),
+                               int(cfg.max_frames), float(cfg.synthesis_weight)))
+    return ds.batch(local_batch_size(cfg, count), drop_remainder=True,
+                    batch_fn=examples.collate)
 
 
 def prompt_dataset(
     pairs, cfg, *, num_candidates: int, process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.MapDataset:
-    """GRPO / evaluation batches (see `PairToPrompt`, `collate_prompts`) of this process."""
+    """GRPO / evaluation batches (`PairToPrompt` rows, `examples.collate_prompts`) of this
+    process."""
     _, count = process_shard(cfg, process_index, process_count)
     ds = _rows(pairs, cfg, process_index=process_index, process_count=process_count)
     size = (int(cfg.frame_size[0]), int(cfg.frame_size[1]))
     ds = ds.map(PairToPrompt(int(num_candidates), size))
-    return ds.batch(local_batch_size(cfg, count), drop_remainder=True, batch_fn=collate_prompts)
+    return ds.batch(local_batch_size(cfg, count), drop_remainder=True,
+                    batch_fn=examples.collate_prompts)
 
 
 def make_iterator(ds: grain.MapDataset, cfg):
@@ -632,9 +524,3 @@ def iterator_state(it) -> str:
 def restore_iterator(it, state: str | dict) -> None:
     """Moves a fresh iterator (same pipeline and config) to a saved position."""
     it.set_state(json.loads(state) if isinstance(state, str) else state)
-
-
-def count_status(batch: Mapping) -> dict[str, int]:
-    """{status name: rows} of one batch, for logging failed / padded rows."""
-    values, counts = np.unique(np.asarray(batch["status"]), return_counts=True)
-    return {STATUS_NAMES.get(int(v), str(v)): int(c) for v, c in zip(values, counts)}

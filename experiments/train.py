@@ -43,7 +43,6 @@ distributed.define_absl_flags(flags)  # --coordinator_address, --num_processes, 
 
 
 def run(cfg, workdir: str) -> dict:
-    import jax
 
     from data_pipelines.tokenizer import load_tokenizer
     from vrthinker_jax.train import runtime, sft
@@ -57,11 +56,6 @@ def run(cfg, workdir: str) -> dict:
         raise ValueError("set --config.tokenizer (tokenizer.json or sentencepiece .model)")
     if not os.path.exists(cfg.train_data):
         raise ValueError(f"train_data {cfg.train_data}: no such file")
-    if cfg.stage == "rft" and jax.process_count() > 1:
-        # its SFT half trains on the in-memory frame banks of the traces each process accepted
-        # itself: the processes would train on different, unequal data
-        raise ValueError(f"rft: a run of {jax.process_count()} processes is not supported yet; "
-                         "run the rft stage as one process")
     tokenizer = load_tokenizer(cfg.tokenizer)
     runtime.align_model_config(cfg.model, tokenizer)
     rt = runtime.setup(cfg, tokenizer)

@@ -7,7 +7,8 @@ import os
 
 
 def make(out: str, n: int) -> dict:
-    """n traces under `out`; returns {"traces": path, "tokenizer": path, "dir": out}."""
+    """n pairs under `out`; returns {"traces": their vrthinker_cot traces, "pairs": their
+    video_pairs manifest, "tokenizer": path, "dir": out}."""
     from data_pipelines import synthetic
     from data_pipelines import tokenizer as tok_lib
 
@@ -15,4 +16,5 @@ def make(out: str, n: int) -> dict:
                               cfg=synthetic.synthetic_config(heldout_fraction=0.0))
     tok = tok_lib.train_sentencepiece(synthetic.read_corpus(info["paths"]["corpus"]),
                                       os.path.join(out, "tokenizer"), 500)
-    return {"traces": info["paths"]["cot_train"], "tokenizer": tok, "dir": out}
+    return {"traces": info["paths"]["cot_train"], "pairs": info["paths"]["train"],
+            "tokenizer": tok, "dir": out}

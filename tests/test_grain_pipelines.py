@@ -13,7 +13,8 @@ from data_pipelines import grain_pipelines as gp
 from data_pipelines import video as video_lib
 from vrthinker_jax.models import config as model_config
 from vrthinker_jax.models import rope
-from vrthinker_jax.rollout import chat, protocol
+from vrthinker_jax.rollout import chat, frame_bank, protocol
+from vrthinker_jax.train import examples
 
 N = 8  # candidates per video
 FRAMES = 12  # frames per test video
@@ -134,8 +135,8 @@ def test_sft_row_matches_its_definition(env, sft_batch):
     assert b["tokens"].shape == (3, 1200) and b["positions"].shape == (3, 3, 1200)
     assert b["frames"].shape == (3, 12, 56, 56, 3) and b["frames"].dtype == np.uint8
     assert not b["failed"].any() and b["id"] == ["t0", "t1", "t2"]
-    layout = gp.VisionLayout.from_model_config(env["mcfg"], SIZE)
-    assert layout.tokens_per_frame == 4 and layout.grid == (1, 4, 4)
+    patch = frame_bank.PatchSpec.from_model_config(env["mcfg"])
+    assert patch.tokens_per_frame(*SIZE) == 4 and patch.grid_thw(*SIZE) == (1, 4, 4)
     for r, trace in enumerate(env["traces"]):
         segs = protocol.trace_segments(trace, env["pcfg"])
         t = chat.tokenize_segments(env["tok"], segs, 4)
@@ -148,7 +149,7 @@ def test_sft_row_matches_its_definition(env, sft_batch):
         assert not (b["loss_mask"][r] & ~b["valid"][r]).any()
         np.testing.assert_array_equal(b["visible_until"][r, :n], t.visible_until(6))
         pos, _ = rope.get_rope_index(env["mcfg"], t.ids[None],
-                                     image_grid_thw=[layout.grid] * len(t.frames))
+                                     image_grid_thw=[patch.grid_thw(*SIZE)] * len(t.frames))
         np.testing.assert_array_equal(b["positions"][:, r, :n], pos[:, 0])
         assert b["frame_mask"][r].sum() == len(t.frames)
         # each frame slot shows the candidate its global number refers to
@@ -161,15 +162,15 @@ def test_sft_row_matches_its_definition(env, sft_batch):
 
 
 def test_overlong_trace_is_flagged_and_counted(env):
-    layout = gp.VisionLayout.from_model_config(env["mcfg"], SIZE)
-    lengths = [len(gp.tokenize_trace(t, env["tok"], env["pcfg"], layout).ids)
+    grid = gp.merged_grid(env["mcfg"], SIZE)
+    lengths = [len(examples.tokenize_trace(t, env["tok"], env["pcfg"], grid).ids)
                for t in env["traces"]]
     limit = sorted(lengths)[1]  # the longest trace does not fit
-    scan = gp.scan_traces(env["traces"], env["tok"], env["pcfg"], layout, seq_len=limit,
+    scan = gp.scan_traces(env["traces"], env["tok"], env["pcfg"], grid, seq_len=limit,
                           max_frames=12)
     assert scan.too_long == ["t1"] and scan.max_tokens == max(lengths)
     b = next(iter(_sft(env, seq_len=limit)))
-    assert b["status"].tolist() == [gp.OK, gp.TOO_LONG, gp.OK]
+    assert b["status"].tolist() == [examples.OK, examples.TOO_LONG, examples.OK]
     assert b["failed"][1] and not b["valid"][1].any() and not b["loss_mask"][1].any()
     assert "t1" in b["error"][1] and "seq_len" in b["error"][1]
 
@@ -184,9 +185,9 @@ def test_invalid_trace_and_missing_video_are_flagged(env):
     ds = gp.sft_dataset([bad, gone], c, tokenizer=env["tok"], pcfg=env["pcfg"],
                         model_cfg=env["mcfg"], process_index=0, process_count=1)
     b = next(iter(ds))
-    assert b["status"].tolist() == [gp.INVALID_TRACE, gp.DECODE_ERROR]
+    assert b["status"].tolist() == [examples.INVALID_TRACE, examples.DECODE_ERROR]
     assert "none.mp4" in b["error"][1]
-    assert gp.count_status(b) == {"invalid_trace": 1, "decode_error": 1}
+    assert examples.count_status(b) == {"invalid_trace": 1, "decode_error": 1}
 
 
 def _prompts(env, **cfg):
@@ -207,9 +208,9 @@ def test_prompt_banks_labels_and_errors(env):
     want = [_level(1, int(c)) for c in cand] + [_level(2, int(c)) for c in cand]
     np.testing.assert_allclose(levels, want, atol=6)
     last = batches[-1]
-    assert last["id"][2] == "broken" and last["status"][2] == gp.DECODE_ERROR
+    assert last["id"][2] == "broken" and last["status"][2] == examples.DECODE_ERROR
     assert "gone.mp4" in last["error"][2] and not last["bank"][2].any()
-    assert last["status"][3] == gp.PADDING and last["labels"][3].tolist() == [-1] * 4
+    assert last["status"][3] == examples.PADDING and last["labels"][3].tolist() == [-1] * 4
 
 
 def _ids(ds) -> list[str]:
@@ -404,5 +405,6 @@ def test_layout_mismatch_is_a_clear_error(env):
     with pytest.raises(ValueError, match="tokens_per_frame=5"):
         gp.sft_dataset(env["traces"], c, tokens_per_frame=5, **kw)
     c.frame_size = (60, 56)
-    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+    with pytest.raises(ValueError,
+                       match=r"data.frame_size=\(60, 56\).*not a multiple of 28 \(patch x merge\)"):
         gp.sft_dataset(env["traces"], c, **kw)

@@ -22,7 +22,7 @@ from test_train_support import (
 
 from vrthinker_jax.models import model as model_lib
 from vrthinker_jax.rollout import chat, protocol, sampler
-from vrthinker_jax.train import grpo, runtime, steps
+from vrthinker_jax.train import grpo, rollouts, runtime, steps
 
 
 def grpo_config():
@@ -148,7 +148,7 @@ def test_run_grpo_with_the_engine_resumes_exactly(tmp_path):
 
     def run(workdir, stop_after=None):
         rt = runtime.setup(cfg, tok, model=model_lib.Qwen25VL(cfg.model, rngs=nnx.Rngs(0)))
-        ds = grpo.in_memory_prompts(cfg, recs, banks, 2)
+        ds = rollouts.in_memory_prompts(cfg, recs, banks, 2)
         logger = runtime.TrainLogger(str(tmp_path / "tb"))
         _, hist = grpo.run_grpo(cfg, str(workdir), None, tok, rt=rt, dataset=ds,
                                 stop_after=stop_after, logger=logger)
@@ -201,7 +201,7 @@ def test_run_grpo_in_rollout_chunks_and_micro_batches(tmp_path, monkeypatch):
     banks = [make_bank(rng, pcfg) for _ in recs]
     rt = runtime.setup(cfg, tok, model=model_lib.Qwen25VL(cfg.model, rngs=nnx.Rngs(0)))
     calls = []
-    real = grpo.make_engine
+    real = rollouts.make_engine
 
     def counting_engine(*a, **k):
         eng = real(*a, **k)
@@ -210,8 +210,8 @@ def test_run_grpo_in_rollout_chunks_and_micro_batches(tmp_path, monkeypatch):
             prompts, *r, **kw)
         return eng
 
-    monkeypatch.setattr(grpo, "make_engine", counting_engine)
+    monkeypatch.setattr(rollouts, "make_engine", counting_engine)
     _, hist = grpo.run_grpo(cfg, str(tmp_path / "w"), None, tok, rt=rt,
-                            dataset=grpo.in_memory_prompts(cfg, recs, banks, 2))
+                            dataset=rollouts.in_memory_prompts(cfg, recs, banks, 2))
     assert calls == [2, 2] and len(hist) == 1
     assert "reward" in hist[0] and hist[0]["time_reference_s"] >= 0

@@ -23,7 +23,7 @@ from test_train_support import (
 
 from vrthinker_jax.models import model as model_lib
 from vrthinker_jax.rollout import protocol
-from vrthinker_jax.train import grpo, rft, runtime
+from vrthinker_jax.train import rft, rollouts, runtime
 
 
 class ReplayEngine:
@@ -62,10 +62,10 @@ def test_rft_keeps_all_correct_traces_and_trains_on_them(tmp_path, monkeypatch):
     traces = [make_trace(rng, pcfg, i) for i in range(4)]
     banks = [make_bank(rng, pcfg) for _ in traces]
     by_prompt = {t["prompt"]: t for t in traces}
-    monkeypatch.setattr(grpo, "make_engine", lambda *a, **k: ReplayEngine(by_prompt, pcfg, tok))
+    monkeypatch.setattr(rollouts, "make_engine", lambda *a, **k: ReplayEngine(by_prompt, pcfg, tok))
     rt = runtime.setup(cfg, tok, model=model_lib.Qwen25VL(cfg.model, rngs=nnx.Rngs(0)))
     records = [{"id": t["id"], "prompt": t["prompt"], "labels": t["labels"]} for t in traces]
-    ds = grpo.in_memory_prompts(cfg, records, banks, BATCH // cfg.samples_per_prompt)
+    ds = rollouts.in_memory_prompts(cfg, records, banks, BATCH // cfg.samples_per_prompt)
     rt, stats = rft.run_rft(cfg, str(tmp_path), None, tok, rt=rt, dataset=ds)
     assert stats["rollouts"] == 8 and stats["all_correct"] == 4
     assert stats["acceptance_rate"] == 0.5

@@ -17,7 +17,7 @@ from test_train_support import (
 
 from experiments.configs import common
 from vrthinker_jax.models import model as model_lib
-from vrthinker_jax.train import grpo, runtime, steps
+from vrthinker_jax.train import grpo, rollouts, runtime, steps
 
 
 def split_config():
@@ -84,11 +84,11 @@ def test_run_grpo_with_rollout_and_reference_on_their_own_devices(tmp_path, monk
     banks = [make_bank(rng, pcfg) for _ in recs]
     rt = runtime.setup(cfg, tok, model=model_lib.Qwen25VL(cfg.model, rngs=nnx.Rngs(0)))
     engines = []
-    real = grpo.make_engine
-    monkeypatch.setattr(grpo, "make_engine", lambda *a, **k: engines.append(real(*a, **k))
+    real = rollouts.make_engine
+    monkeypatch.setattr(rollouts, "make_engine", lambda *a, **k: engines.append(real(*a, **k))
                         or engines[-1])
     rt, hist = grpo.run_grpo(cfg, str(tmp_path / "w"), None, tok, rt=rt,
-                             dataset=grpo.in_memory_prompts(cfg, recs, banks, 2))
+                             dataset=rollouts.in_memory_prompts(cfg, recs, banks, 2))
     assert len(hist) == 1 and np.isfinite(hist[0]["reward"])
     assert _devices(engines[0].mesh) == [4, 5, 6, 7]
     assert sorted(d.id for d in jax.tree.leaves(engines[0].params)[0].sharding.device_set) \

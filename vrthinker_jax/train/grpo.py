@@ -13,32 +13,16 @@ dimension, KL, entropy, response length and tool calls.
 
 from __future__ import annotations
 
-import os
 import time
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from vrthinker_jax import distributed, sharding
 from vrthinker_jax.rollout import protocol
-from vrthinker_jax.train import checkpointing, examples, losses, rewards, runtime, steps
-
-
-def make_engine(cfg, rt: runtime.Runtime, tokenizer, params=None, sampling=None):
-    """A rollout engine over the runtime's model on the 'rollout' role's mesh (the learner's
-    unless `cfg.roles.rollout` names another; params are then resharded onto it)."""
-    from vrthinker_jax.rollout import engine as engine_lib
-
-    sampling = sampling if sampling is not None else cfg.sampling
-    return engine_lib.RolloutEngine(
-        rt.model(params), rt.model_cfg, tokenizer,
-        protocol.ProtocolConfig.from_configdict(cfg.protocol),
-        sampling, tuple(cfg.data.frame_size), mesh=rt.role_mesh("rollout"),
-        cache_dtype=jnp.dtype(sampling.get("cache_dtype", "float32")),
-    )
+from vrthinker_jax.train import examples, loop, losses, rewards, rollouts, runtime, steps
 
 
 def reference_params(rt: runtime.Runtime):
@@ -71,50 +55,6 @@ def micro_batches(host: dict, n: int) -> list[dict]:
              for k, v in host.items()} for j in range(n)]
 
 
-def prompt_dataset(cfg, pairs, prompts_per_step: int) -> grain.MapDataset:
-    """Prompt batches (id, prompt, bank, labels [b, 4], failed) from a video_pairs manifest or
-    records, through the Grain pipeline (videos decoded into candidate-frame banks)."""
-    from data_pipelines import grain_pipelines
-
-    data_cfg = cfg.data.copy_and_resolve_references()
-    data_cfg.batch_size = prompts_per_step
-    return grain_pipelines.prompt_dataset(pairs, data_cfg,
-                                          num_candidates=cfg.protocol.num_candidates)
-
-
-def _collate_prompts(rows):
-    return {
-        "id": [r["id"] for r in rows],
-        "prompt": [r["prompt"] for r in rows],
-        "bank": np.stack([r["bank"] for r in rows]),
-        "labels": np.stack([r["labels"] for r in rows]),
-        "failed": np.zeros(len(rows), bool),
-    }
-
-
-def in_memory_prompts(cfg, records: list[dict], banks: list[np.ndarray],
-                      prompts_per_step: int) -> grain.MapDataset:
-    """Prompt batches from records ({id, prompt, labels}) whose banks are already in memory."""
-    if len(records) != len(banks) or not records:
-        raise ValueError(f"{len(records)} prompt records but {len(banks)} frame banks")
-
-    def row(item):
-        rec, bank = item
-        labels = np.asarray([int(rec["labels"].get(k, -1)) for k in protocol.LABEL_KEYS],
-                            np.int32)
-        return {"id": rec["id"], "prompt": rec["prompt"], "bank": bank, "labels": labels}
-
-    ds = grain.MapDataset.source(list(zip(records, banks)))
-    if cfg.data.shuffle:
-        ds = ds.shuffle(seed=int(cfg.data.seed))
-    return ds.repeat(None).map(row).batch(prompts_per_step, drop_remainder=True,
-                                          batch_fn=_collate_prompts)
-
-
-def label_dict(labels_row) -> dict[str, int]:
-    return {k: int(v) for k, v in zip(protocol.LABEL_KEYS, labels_row)}
-
-
 def dimension_accuracy(trajs, labels: list[dict]) -> dict[str, float]:
     """Share of rows whose judgment of each labelled key is right (no answer = wrong)."""
     out = {}
@@ -126,11 +66,13 @@ def dimension_accuracy(trajs, labels: list[dict]) -> dict[str, float]:
     return out
 
 
-def rollout_batch(trajs, banks, labels, cfg) -> tuple[dict, list[rewards.RewardParts], dict]:
+def rollout_batch(trajs, banks, labels, cfg, *, failed=None
+                  ) -> tuple[dict, list[rewards.RewardParts], dict]:
     """Trajectories -> (host training batch, reward parts per row, rollout statistics).
 
     Rows that do not fit `data.seq_len` / `data.max_frames` keep their reward (they count in the
-    group baseline) but get weight 0 in the update, and are counted.
+    group baseline) but get weight 0 in the update, and are counted; so are the rows of
+    prompts whose videos failed to load (`failed`: bool [rows]; their banks are blank).
     """
     g = cfg.grpo
     parts = [rewards.trajectory_reward(t.assistant_turns, t.judgments, lab, t.frames_selected,
@@ -141,20 +83,24 @@ def rollout_batch(trajs, banks, labels, cfg) -> tuple[dict, list[rewards.RewardP
     adv, signal = np.asarray(adv, np.float32), np.asarray(signal, bool)
     weight = signal.astype(np.float32) if g.drop_no_signal_groups else np.ones(len(trajs),
                                                                                np.float32)
+    failed = np.zeros(len(trajs), bool) if failed is None else np.asarray(failed, bool)
+    weight[failed] = 0.0
     exs, too_long = [], 0
     seq_len, max_frames = int(cfg.data.seq_len), int(cfg.data.max_frames)
     for i, (t, bank) in enumerate(zip(trajs, banks)):
         try:
             exs.append(examples.from_trajectory(t, bank, seq_len=seq_len, max_frames=max_frames))
-        except examples.ExampleTooLong:
+        except examples.ExampleTooLong as e:
             too_long += 1
             weight[i] = 0.0
-            exs.append(examples.failed_example(seq_len, max_frames, bank.shape[1:]))
+            exs.append(examples.failed_example(seq_len, max_frames, bank.shape[1:],
+                                               error=str(e)))
     batch = examples.collate(exs)
     batch["weight"] = weight
     batch["advantages"] = adv
     stats = {
         "rows_too_long": float(too_long),
+        "rows_failed_to_load": float(failed.sum()),
         "groups_with_signal": float(signal.reshape(-1, g.group_size)[:, 0].sum()),
         "rows_in_update": float((weight > 0).sum()),
     }
@@ -192,138 +138,135 @@ def step_record(trajs, parts, labels, rstats: dict) -> dict:
     }
 
 
-def run_grpo(
-    cfg, workdir: str, pairs, tokenizer, *, rt: runtime.Runtime, logger=None,
-    dataset: grain.MapDataset | None = None, stop_after: int | None = None, tag: str = "grpo",
-) -> tuple[runtime.Runtime, list[dict]]:
-    """Runs up to `cfg.steps` GRPO steps (resuming from `workdir/checkpoints`).
+class GrpoStage(loop.Stage):
+    """One GRPO step per prompt batch: rollouts with the current policy, rewards and
+    advantages, reference log-probs, `grpo.inner_updates` updates of `optimizer.accum_steps`
+    micro-batches each."""
 
-    Args:
-      pairs: a video_pairs manifest path or records (ignored when `dataset` is given).
-      rt: the runtime; its params are the initial policy and the frozen reference.
-      dataset: prompt batches (e.g. `in_memory_prompts`); default: `prompt_dataset(pairs)`.
-    Returns:
-      (rt with the trained params, one record per step run).
-    """
-    runtime.check_run_counts(cfg, tag)
-    g = cfg.grpo
-    rows = int(g.prompts_per_step) * int(g.group_size)  # global: all processes together
-    per_call = int(g.get("rollout_batch", 0) or rows)
-    if rows % per_call:
-        raise ValueError(f"grpo.rollout_batch={per_call} must divide prompts_per_step x "
-                         f"group_size = {rows}")
-    accum = max(int(cfg.optimizer.accum_steps), 1)
-    if rows % accum:
-        raise ValueError(f"grpo: prompts_per_step x group_size = {rows} is not divisible by "
-                         f"optimizer.accum_steps={accum}")
-    # optimizer micro-steps per rollout batch: each inner update is accum micro-batches
-    micro_per_step = max(int(g.inner_updates), 1) * accum
-    if dataset is None:
-        dataset = prompt_dataset(cfg, pairs, int(g.prompts_per_step))
-    tx = steps.make_optimizer(cfg.optimizer)
-    # the frozen reference: a copy, since the learner's buffers are donated to each update
-    ref_params = reference_params(rt) if g.kl_coef else None
-    state = steps.place_state(steps.init_train_state(rt.params, tx, int(cfg.seed)), rt.mesh)
-    it = iter(dataset.to_iter_dataset())
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                      save_every=cfg.ckpt_every, keep=cfg.keep_checkpoints)
-    restored = ckpt.restore(state)
-    if restored is not None:
-        state, meta = restored
-        it.set_state(meta["data"])
-    engine = make_engine(cfg, rt, tokenizer, params=state.params)
-    if logger is not None and int(state.step):
-        logger.rewind(tag, int(state.step) // micro_per_step)  # steps redone after the restore
-    temperature = float(cfg.sampling.temperature) or 1.0
-    ref_spec = rt.spec.replace(mesh=rt.role_mesh("reference"))
-    ref_fn = jax.jit(lambda p, b: steps.sequence_logprobs(
-        p, b, graphdef=rt.graphdef, spec=ref_spec, temperature=temperature))
-    update_fn = None
-    history: list[dict] = []
-    start = int(state.step) // micro_per_step
-    bar = tqdm(total=cfg.steps, initial=start, desc=tag, dynamic_ncols=True,
-               disable=not cfg.get("progress", True))
-    for step in range(start, cfg.steps):
-        t_start = time.perf_counter()
-        prompts_batch = next(it)
-        gs = int(g.group_size)
-        prompts = [p for p in prompts_batch["prompt"] for _ in range(gs)]
-        banks = np.repeat(prompts_batch["bank"], gs, axis=0)
-        labels = [label_dict(r) for r in np.repeat(prompts_batch["labels"], gs, axis=0)]
+    postfix = "reward"
+
+    def __init__(self, cfg, rt: runtime.Runtime, tokenizer, tag: str = "grpo"):
+        g = cfg.grpo
+        self.cfg, self.rt, self.tokenizer, self.tag = cfg, rt, tokenizer, tag
+        self.group_size = int(g.group_size)
+        self.rows = int(g.prompts_per_step) * self.group_size  # global: every process's
+        self.per_call = int(g.rollout_batch) or self.rows
+        if self.rows % self.per_call:
+            raise ValueError(f"grpo.rollout_batch={self.per_call} must divide "
+                             f"prompts_per_step x group_size = {self.rows}")
+        self.accum = max(int(cfg.optimizer.accum_steps), 1)
+        if self.rows % self.accum:
+            raise ValueError(f"grpo: prompts_per_step x group_size = {self.rows} is not "
+                             f"divisible by optimizer.accum_steps={self.accum}")
+        self.micro_steps = max(int(g.inner_updates), 1) * self.accum
+        # the frozen reference: a copy, since the learner's buffers are donated to each update
+        self.ref_params = reference_params(rt) if g.kl_coef else None
+        self.temperature = float(cfg.sampling.temperature) or 1.0
+        ref_spec = rt.spec.replace(mesh=rt.role_mesh("reference"))
+        self.ref_fn = jax.jit(lambda p, b: steps.sequence_logprobs(
+            p, b, graphdef=rt.graphdef, spec=ref_spec, temperature=self.temperature))
+        self.update_fn = None
+        self.engine = None
+        self.last = None  # (trajectories, banks) of the last step, for `log`
+
+    def begin(self, state) -> None:
+        self.engine = rollouts.make_engine(self.cfg, self.rt, self.tokenizer,
+                                           params=state.params)
+
+    def _rollouts(self, state, host: dict, step: int):
+        """This process's prompts x G rollouts, their banks, labels and failed-prompt flags."""
+        gs = self.group_size
+        prompts = [p for p in host["prompt"] for _ in range(gs)]
+        banks = np.repeat(host["bank"], gs, axis=0)
+        labels = [rollouts.label_dict(r) for r in np.repeat(host["labels"], gs, axis=0)]
+        failed = np.repeat(np.asarray(host["failed"], bool), gs)
         # the rollout key comes from the checkpointed RNG, so a resumed run samples the same
         key = jax.random.fold_in(state.key, step)
-        t0 = time.perf_counter()
-        engine.update_params(state.params)
-        # `grpo.rollout_batch` rows per engine call bounds the KV cache on the rollout mesh;
-        # this process holds `len(prompts)` of the rows, the same share of each call
-        trajs, share = [], len(prompts) / rows
-        for i in range(0, rows, per_call):
-            sub = key if i == 0 else jax.random.fold_in(key, i)
-            lo, hi = int(i * share), int((i + per_call) * share)
-            trajs += engine.rollout(prompts[lo:hi], banks[lo:hi], sub)
-        t_rollout = time.perf_counter() - t0
+        self.engine.update_params(state.params)
+        trajs = rollouts.rollout_rows(self.engine, prompts, banks, key, total_rows=self.rows,
+                                      per_call=self.per_call)
+        return trajs, banks, labels, failed
 
-        host, parts, rstats = rollout_batch(trajs, banks, labels, cfg)
-        record = step_record(trajs, parts, labels, rstats)  # over every process's rows
-        # optimizer.accum_steps micro-batches per update (optax.MultiSteps applies the update
-        # after the last): the learner's activations scale with the micro-batch
-        batches, t_ref = [], 0.0
-        for mb in micro_batches(host, accum):
-            batch = steps.put_batch(mb, rt.mesh)
-            t1 = time.perf_counter()
-            if ref_params is not None:
-                batch["ref_logp"] = reference_logprobs(ref_fn, ref_params, mb, batch, rt)
+    def _learner_batches(self, host: dict) -> list[dict]:
+        """`accum` micro-batches on the learner mesh, each with its reference log-probs."""
+        batches = []
+        for mb in micro_batches(host, self.accum):
+            batch = steps.put_batch(mb, self.rt.mesh)
+            if self.ref_params is not None:
+                batch["ref_logp"] = reference_logprobs(self.ref_fn, self.ref_params, mb, batch,
+                                                       self.rt)
                 jax.block_until_ready(batch["ref_logp"])
             else:
                 batch["ref_logp"] = steps.put_batch(  # this process's rows, like the batch's
                     {"ref_logp": np.zeros(mb["tokens"][:, 1:].shape, np.float32)},
-                    rt.mesh)["ref_logp"]
-            t_ref += time.perf_counter() - t1
+                    self.rt.mesh)["ref_logp"]
             batches.append(batch)
+        return batches
 
-        t2 = time.perf_counter()
-        m: dict = {}
-        if record["rows_in_update"] > 0:  # the same decision on every process
-            if update_fn is None:
-                update_fn = steps.step_fn(
-                    "grpo", graphdef=rt.graphdef, spec=rt.spec, optimizer=cfg.optimizer,
-                    state=state, batch_like=batches[0], mesh=rt.mesh, temperature=temperature,
-                    loss=tuple(sorted(losses.grpo_loss_options(g).items())),
-                )
-            for _ in range(int(g.inner_updates)):
-                for batch in batches:
-                    state, m = update_fn(state, batch)
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-        else:
+    def _update(self, state, batches: list[dict], rows_in_update: float):
+        if rows_in_update == 0:  # the same decision on every process
             # no group carried signal: nothing to learn, but the data position still advances
-            state = state.replace(step=state.step + micro_per_step)
-        t_update = time.perf_counter() - t2
+            return state.replace(step=state.step + self.micro_steps), {}
+        if self.update_fn is None:
+            self.update_fn = steps.step_fn(
+                "grpo", graphdef=self.rt.graphdef, spec=self.rt.spec,
+                optimizer=self.cfg.optimizer, state=state, batch_like=batches[0],
+                mesh=self.rt.mesh, temperature=self.temperature,
+                loss=tuple(sorted(losses.grpo_loss_options(self.cfg.grpo).items())))
+        m = {}
+        for _ in range(self.micro_steps // self.accum):
+            for batch in batches:
+                state, m = self.update_fn(state, batch)
+        return state, {k: float(v) for k, v in jax.device_get(m).items()}
 
-        record = {
-            "step": step,
+    def step(self, state, host: dict, step: int):
+        t0 = time.perf_counter()
+        trajs, banks, labels, failed = self._rollouts(state, host, step)
+        t1 = time.perf_counter()
+        learner_host, parts, rstats = rollout_batch(trajs, banks, labels, self.cfg,
+                                                    failed=failed)
+        record = step_record(trajs, parts, labels, rstats)  # over every process's rows
+        batches = self._learner_batches(learner_host)
+        t2 = time.perf_counter()
+        state, m = self._update(state, batches, record["rows_in_update"])
+        self.last = (trajs, banks)
+        return state, {
             **record,
             **{k: m[k] for k in ("loss", "kl", "entropy", "clip_frac", "ratio_mean",
                                  "grad_norm", "skipped", "nonfinite_total") if k in m},
-            "time_rollout_s": t_rollout,
-            "time_reference_s": t_ref,
-            "time_update_s": t_update,
-            "time_step_s": time.perf_counter() - t_start,
+            "time_rollout_s": t1 - t0, "time_reference_s": t2 - t1,
+            "time_update_s": time.perf_counter() - t2,
         }
-        history.append(record)
-        bar.update(1)
-        bar.set_postfix(reward=f"{record['reward']:.3f}")
-        if logger is not None and (step % cfg.log_every == 0 or step == cfg.steps - 1):
-            logger.scalars(step, {f"{tag}/{k}": v for k, v in record.items() if k != "step"})
-            logger.text(step, f"{tag}/sample_trace", "\n\n---\n\n".join(trajs[0].assistant_turns))
-            chosen = [f for fr in trajs[0].tool_frames for f in fr][:4]
-            for j, f in enumerate(chosen):
-                logger.image(step, f"{tag}/selected_frame_{j}", banks[0][f - 1])
-        done = step + 1
-        if stop_after is not None and done - start >= stop_after:
-            break
-        if ckpt.should_save(done) or done == cfg.steps:
-            ckpt.save(done, state, {"data": it.get_state()})
-    bar.close()
-    ckpt.close()
-    rt.params = state.params
-    return rt, history
+
+    def log(self, logger, step: int) -> None:
+        trajs, banks = self.last
+        logger.text(step, f"{self.tag}/sample_trace", "\n\n---\n\n".join(trajs[0].assistant_turns))
+        chosen = [f for fr in trajs[0].tool_frames for f in fr][:4]
+        for j, f in enumerate(chosen):
+            logger.image(step, f"{self.tag}/selected_frame_{j}", banks[0][f - 1])
+
+
+def run_grpo(
+    cfg, workdir: str, pairs, tokenizer, *, rt: runtime.Runtime, logger=None,
+    dataset: grain.MapDataset | None = None, stop_after: int | None = None, tag: str = "grpo",
+) -> tuple[runtime.Runtime, list[dict]]:
+    """Runs up to `cfg.steps` GRPO steps (resuming from `workdir/checkpoints`) through
+    `loop.train`.
+
+    Args:
+      pairs: a video_pairs manifest path or records (ignored when `dataset` is given).
+      rt: the runtime; its params are the initial policy and the frozen reference.
+      dataset: prompt batches (e.g. `rollouts.in_memory_prompts`); default: the manifest's
+        through `rollouts.prompt_dataset`.
+    Returns:
+      (rt with the trained params, one record per step run).
+    """
+    stage = GrpoStage(cfg, rt, tokenizer, tag)  # checks the sizes before any data loads
+    if dataset is None:
+        dataset = rollouts.prompt_dataset(cfg, pairs, int(cfg.grpo.prompts_per_step))
+    return loop.train(cfg, workdir, dataset, stage, rt=rt, logger=logger, stop_after=stop_after)
+
+
+# TEMPORARY (removed before commit): callers in experiments/ move to `rollouts`
+make_engine, in_memory_prompts, label_dict = (rollouts.make_engine, rollouts.in_memory_prompts,
+                                              rollouts.label_dict)

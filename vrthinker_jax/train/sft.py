@@ -9,16 +9,12 @@ with ETA.
 
 from __future__ import annotations
 
-import os
-import time
-
 import grain
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from vrthinker_jax.rollout import protocol
-from vrthinker_jax.train import checkpointing, examples, runtime, steps
+from vrthinker_jax.train import examples, loop, runtime, steps
 
 
 def sft_dataset(cfg, traces, tokenizer, rt: runtime.Runtime) -> grain.MapDataset:
@@ -36,32 +32,22 @@ def _caption_segments(item: dict, pcfg) -> list[protocol.Segment]:
 
 
 class _BankExample(grain.transforms.Map):
-    """(trace, bank) -> example; a trace that does not fit or render becomes a weight-0 row.
+    """(record, bank uint8 [2N, H, W, 3]) -> row (`examples.bank_example`: the builder of the
+    on-disk pipeline's rows too); a record that does not render, fit or find its frames
+    becomes a failed row (weight 0) with its status, error and id, counted by the loop.
 
     to_segments: (record, pcfg) -> conversation segments; None = a vrthinker_cot trace."""
 
     def __init__(self, tokenizer, pcfg, data_cfg, merged_grid, to_segments=None):
-        self.tokenizer, self.pcfg, self.data_cfg, self.merged_grid = (
-            tokenizer, pcfg, data_cfg, tuple(merged_grid))
-        self.to_segments = to_segments
+        self.tokenizer, self.pcfg, self.to_segments = tokenizer, pcfg, to_segments
+        self.kw = dict(seq_len=int(data_cfg.seq_len), max_frames=int(data_cfg.max_frames),
+                       merged_grid=tuple(merged_grid),
+                       synthesis_weight=float(data_cfg.synthesis_weight))
 
     def map(self, item):
-        trace, bank = item
-        kw = dict(pcfg=self.pcfg, seq_len=int(self.data_cfg.seq_len),
-                  max_frames=int(self.data_cfg.max_frames), merged_grid=self.merged_grid,
-                  synthesis_weight=float(self.data_cfg.get("synthesis_weight", 1.0)))
-        try:
-            if self.to_segments is None:
-                ex = examples.trace_to_example(trace, bank, self.tokenizer, **kw)
-            else:
-                ex = examples.segments_to_example(self.to_segments(trace, self.pcfg), bank,
-                                                  self.tokenizer, **kw)
-            ex["failed"] = np.bool_(False)
-        except ValueError:
-            ex = examples.failed_example(int(self.data_cfg.seq_len),
-                                         int(self.data_cfg.max_frames), bank.shape[1:])
-            ex["failed"] = np.bool_(True)
-        return ex
+        record, bank = item
+        return examples.bank_example(record, bank, self.tokenizer, pcfg=self.pcfg,
+                                     to_segments=self.to_segments, **self.kw)
 
 
 def in_memory_dataset(cfg, traces: list[dict], banks: list[np.ndarray], tokenizer,
@@ -114,33 +100,54 @@ def caption_dataset(cfg, captions: list[dict], banks: list[np.ndarray], tokenize
     return frame_text_dataset(cfg, items, item_banks, tokenizer, rt)
 
 
-class _RowTally:
-    """Rows that failed to build and target tokens trained, over the whole run (resumes
-    included: both are saved with each checkpoint), to refuse a run that learned nothing."""
+class SftStage(loop.Stage):
+    """Next-token loss on a batch's assistant tokens. Counts rows that failed to build and
+    target tokens trained over the whole run (resumes included: both are saved with each
+    checkpoint), to refuse a run that learned nothing."""
 
-    def __init__(self, tag: str, meta: dict | None = None):
-        self.tag = tag
-        self.failed_total = int((meta or {}).get("failed_total", 0))
-        # None: a checkpoint written before the count existed (cannot be checked)
-        self.tokens_total = 0 if meta is None else meta.get("target_tokens_total")
+    postfix = "loss"
+
+    def __init__(self, cfg, rt: runtime.Runtime, tag: str = "sft"):
+        self.cfg, self.rt, self.tag = cfg, rt, tag
+        self.failed_total = 0
+        self.tokens_total: int | None = 0  # None: restored from a checkpoint without the count
         self.first_errors: list[str] = []
+        self.fn = None
+        self.state = None
 
-    def batch(self, host: dict, first: bool) -> int:
-        """Counts a host batch's failed rows (returned); warns when the first is all failed."""
+    def restore(self, meta: dict) -> None:
+        self.failed_total = int(meta.get("failed_total", 0))
+        self.tokens_total = meta.get("target_tokens_total")
+
+    def meta(self) -> dict:
+        return {"failed_total": self.failed_total, "target_tokens_total": self.tokens_total}
+
+    def _count_failed(self, host: dict) -> int:
         failed = int(np.sum(host.get("failed", 0)))
         self.failed_total += failed
-        errors = [e for e in host.get("error", []) if e]
+        errors = [e for e in host.get("error", ()) if e]
         self.first_errors += errors[: max(0, 2 - len(self.first_errors))]
-        if failed == len(host["tokens"]) and first:
+        if failed == len(host["tokens"]) and self.fn is None:
             print(f"[{self.tag}] warning: every row of the first batch failed to build: "
                   f"{errors[:2]}")
         return failed
 
-    def step(self, metrics: dict) -> None:
+    def step(self, state, host: dict, step: int):
+        failed = self._count_failed(host)
+        batch = steps.put_batch(host, self.rt.mesh)
+        if self.fn is None:
+            self.fn = steps.step_fn("sft", graphdef=self.rt.graphdef, spec=self.rt.spec,
+                                    optimizer=self.cfg.optimizer, state=state,
+                                    batch_like=batch, mesh=self.rt.mesh)
+        lr = steps.lr_at(self.cfg.optimizer, int(state.step) - int(state.nonfinite))
+        state, m = self.fn(state, batch)
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
         if self.tokens_total is not None:
-            self.tokens_total += int(metrics.get("target_tokens", 0))
+            self.tokens_total += int(m["target_tokens"])
+        return state, {**m, "lr": lr, "failed_rows": failed,
+                       "failed_rows_total": self.failed_total}
 
-    def nothing_learned(self, steps_done: int) -> runtime.NothingLearnedError | None:
+    def check(self, steps_done: int) -> Exception | None:
         if self.tokens_total != 0:
             return None
         return runtime.NothingLearnedError(
@@ -148,15 +155,13 @@ class _RowTally:
             f"({self.failed_total} failed to build; first errors: "
             f"{self.first_errors or 'none'}); nothing was learned")
 
-    def meta(self) -> dict:
-        return {"failed_total": self.failed_total, "target_tokens_total": self.tokens_total}
-
 
 def run_sft(
     cfg, workdir: str, dataset: grain.MapDataset, *, rt: runtime.Runtime, logger=None,
     stop_after: int | None = None, tag: str = "sft",
 ) -> tuple[runtime.Runtime, list[dict]]:
-    """Trains up to `cfg.steps` micro-steps (resuming from `workdir/checkpoints` if present).
+    """Trains up to `cfg.steps` micro-steps (resuming from `workdir/checkpoints` if present)
+    through `loop.train`.
 
     Args:
       dataset: batches (see examples.py keys), e.g. `sft_dataset` or `in_memory_dataset`.
@@ -173,61 +178,9 @@ def run_sft(
         (every row rejected: too long, unrenderable, undecodable), before the final save, so
         a re-run cannot skip the check and export the untrained weights.
     """
-    runtime.check_run_counts(cfg, tag)
-    tx = steps.make_optimizer(cfg.optimizer)
-    state = steps.place_state(steps.init_train_state(rt.params, tx, int(cfg.seed)), rt.mesh)
-    it = dataset.to_iter_dataset()
-    if cfg.data.get("workers", 0) > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg.data.workers)))
-    it = iter(it)
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                      save_every=cfg.ckpt_every, keep=cfg.keep_checkpoints)
-    tally = _RowTally(tag)
-    restored = ckpt.restore(state)
-    if restored is not None:
-        state, meta = restored
-        it.set_state(meta["data"])
-        tally = _RowTally(tag, meta)
-    start = int(state.step)
-    if logger is not None and start:
-        logger.rewind(tag, start)  # the steps after the checkpoint are redone: log them once
-    history: list[dict] = []
-    fn = None
-    bar = tqdm(total=cfg.steps, initial=start, desc=tag, dynamic_ncols=True,
-               disable=not cfg.get("progress", True))
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        host = next(it)
-        failed = tally.batch(host, first=not history)
-        batch = steps.put_batch(host, rt.mesh)
-        if fn is None:
-            fn = steps.step_fn("sft", graphdef=rt.graphdef, spec=rt.spec,
-                               optimizer=cfg.optimizer, state=state, batch_like=batch,
-                               mesh=rt.mesh)
-        lr = steps.lr_at(cfg.optimizer, int(state.step) - int(state.nonfinite))
-        state, m = fn(state, batch)
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        tally.step(m)
-        dt = time.perf_counter() - t0
-        record = {"step": step, **m, "lr": lr, "failed_rows": failed,
-                  "failed_rows_total": tally.failed_total, "step_time_s": dt}
-        history.append(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.4f}", skipped=int(m["nonfinite_total"]))
-        if logger is not None and (step % cfg.log_every == 0 or step == cfg.steps - 1):
-            logger.scalars(step, {f"{tag}/{k}": v for k, v in record.items() if k != "step"})
-        done = step + 1
-        if stop_after is not None and done - start >= stop_after:
-            break  # simulated kill: nothing more is written
-        error = tally.nothing_learned(done) if done == cfg.steps else None
-        if error is not None:  # before the final save, so a re-run checks again
-            ckpt.close()
-            raise error
-        if ckpt.should_save(done) or done == cfg.steps:
-            ckpt.save(done, state, {"data": it.get_state(), **tally.meta()})
-    bar.close()
-    ckpt.close()
-    rt.params = state.params
-    if tally.failed_total:
-        print(f"[{tag}] {tally.failed_total} rows failed to build (see {tag}/failed_rows_total)")
+    stage = SftStage(cfg, rt, tag)
+    rt, history = loop.train(cfg, workdir, dataset, stage, rt=rt, logger=logger,
+                             stop_after=stop_after)
+    if stage.failed_total:
+        print(f"[{tag}] {stage.failed_total} rows failed to build (see {tag}/failed_rows_total)")
     return rt, history

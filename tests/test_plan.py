@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -17,7 +19,7 @@ from flax import nnx
 
 from vrthinker_jax.models import config as model_config
 from vrthinker_jax.models import model as model_lib
-from vrthinker_jax.rollout import frame_bank
+from vrthinker_jax.rollout import frame_bank, shapes
 from vrthinker_jax.tools import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,6 +178,100 @@ def test_config_loading_and_overrides():
         plan.load_config("experiments/configs/missing.py:7b")
 
 
+def test_config_errors_are_one_line():
+    # the config file's own error, not ml_collections' wrapper around it
+    with pytest.raises(plan.PlanError, match="grpo.py:huge: unknown size 'huge'; expected"):
+        plan.load_config("experiments/configs/grpo.py:huge")
+
+
+# --------------------------------------------------------------------------- the engine's shapes
+
+
+def test_rows_per_engine_call():
+    # RFT: data.batch_size // K prompts x K samples per call (run_rft), not batch_size x K
+    rft = plan.load_config(os.path.join(ROOT, "experiments/configs/rft.py:7b"))
+    k = rft.samples_per_prompt
+    assert plan.rows_per_call(rft) == (rft.data.batch_size // k) * k == 64
+    plan.apply_overrides(rft, ["data.batch_size=18", "samples_per_prompt=4"])
+    assert plan.rows_per_call(rft) == 16
+    assert shapes.rft_prompts_per_call(rft) == 4
+    plan.apply_overrides(rft, ["data.batch_size=2"])  # fewer rows than K: one prompt
+    assert plan.rows_per_call(rft) == 4
+    # GRPO: grpo.rollout_batch rows, or all prompts_per_step x group_size
+    grpo = plan.load_config(os.path.join(ROOT, "experiments/configs/grpo.py:7b"))
+    assert plan.rows_per_call(grpo) == grpo.grpo.rollout_batch == 64
+    plan.apply_overrides(grpo, ["grpo.rollout_batch=0"])
+    assert plan.rows_per_call(grpo) == grpo.grpo.prompts_per_step * grpo.grpo.group_size
+    plan.apply_overrides(grpo, ["grpo.rollout_batch=48"])
+    with pytest.raises(plan.PlanError, match="must divide"):
+        plan.rows_per_call(grpo)
+    assert plan.rows_per_call(plan.load_config("experiments/configs/sft.py:7b")) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_rft_engine(tmp_path_factory):
+    """A tiny RFT config of 18 pairs per batch (4 samples each) naming a tokenizer, the
+    tokenizer as the plan loads it, the config's mesh over the 8 CPU devices, and the rollout
+    engine the trainer would build from them."""
+    from test_rollout_helpers import make_tokenizer
+
+    from vrthinker_jax.rollout import engine as engine_lib
+    from vrthinker_jax.rollout import protocol
+
+    tok_dir = str(tmp_path_factory.mktemp("tok"))
+    make_tokenizer(tok_dir)
+    cfg = plan.load_config(os.path.join(ROOT, "experiments/configs/rft.py:tiny"))
+    plan.apply_overrides(cfg, ["data.batch_size=18", "samples_per_prompt=4",
+                               f"tokenizer={tok_dir!r}"])
+    cfg.model = model_config.Qwen25VLConfig.from_configdict(cfg.model)
+    tok = plan.plan_tokenizer(cfg)  # as make_plan: the model's vision ids follow the tokenizer
+    assert cfg.model.image_token_id == tok.token_to_id("<|image_pad|>")
+    mesh = plan.mesh_for(cfg, jax.devices(), 1)
+    model = model_lib.Qwen25VL(cfg.model, rngs=nnx.Rngs(0))
+    engine = engine_lib.RolloutEngine(
+        model, cfg.model, tok, protocol.ProtocolConfig.from_configdict(cfg.protocol),
+        cfg.sampling, tuple(cfg.data.frame_size), mesh=mesh, cache_dtype=jnp.bfloat16)
+    return cfg, tok, mesh, engine, nnx.state(model)
+
+
+def test_planner_shapes_are_the_engines(tiny_rft_engine):
+    cfg, tok, mesh, engine, params = tiny_rft_engine
+    p = plan.rollout_programs(cfg, mesh, params, jnp.bfloat16, tokenizer=tok)
+    # the RFT plan rolls out (18 // 4) x 4 rows per engine call
+    assert p.rows == 16 and p.state.tokens.shape[0] == 16 and p.bank.shape[0] == 16
+    assert p.shapes == engine.shapes and p.measured
+    # the compiled settings: the engine's but for the tokenizer's ids and the worst-case insert
+    assert p.static == dataclasses.replace(
+        engine.static, kv_buckets=1, prefill_chunk=0, vocab_limit=0, banned_ids=(),
+        **plan.PLAN_STOPS)
+    # the state: the shapes, dtypes and shardings the engine's init produces
+    want = jax.eval_shape(functools.partial(engine._init_state, p.rows), jax.random.key(0))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), p.state) == \
+        jax.tree.map(lambda x: (x.shape, x.dtype), want)
+    assert jax.tree.map(lambda x: x.sharding, p.state) == engine._state_shardings(p.rows)
+    # the prompt insert: the segment the engine builds from real prompts, at the largest bucket
+    from vrthinker_jax.rollout import chat, protocol
+
+    toks = [chat.tokenize_segments(tok, protocol.prompt_segments(text, engine.pcfg),
+                                   engine.tokens_per_frame) for text in ("a fox", "rain")]
+    assert {len(t.frames) for t in toks} == {p.shapes.prompt_frames}
+    seg = engine._segment(toks * 8, p.shapes.prompt_buckets[-1], p.shapes.prompt_frames,
+                          np.zeros(16, np.int32))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), seg) == \
+        jax.tree.map(lambda x: (x.shape, x.dtype), p.seg)
+    assert jax.tree.map(lambda x: x.sharding, p.seg) == shapes.segment_shardings(mesh)
+    assert p.bank.shape == engine.shapes.bank_shape(16) and p.bank.dtype == np.uint8
+
+
+def test_response_length_estimate_is_an_upper_bound(tiny_rft_engine):
+    cfg, _, _, engine, _ = tiny_rft_engine
+    assert plan.plan_tokenizer(plan.apply_overrides(cfg.copy_and_resolve_references(),
+                                                    ["tokenizer=''"])) is None
+    est = plan.rollout_shapes(cfg)  # no tokenizer
+    assert est == dataclasses.replace(engine.shapes, response_len=est.response_len)
+    assert est.response_len >= engine.resp_len
+
+
 def test_unknown_program_is_refused_before_compiling():
     cfg = plan.load_config(os.path.join(ROOT, "experiments/configs/grpo.py:tiny"))
     with pytest.raises(plan.PlanError, match="unknown programs"):
@@ -226,6 +322,17 @@ def test_aot_plan_tiny_on_v5e_2x2():
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not importable: install the tpu extra "
                     "(`bash experiments/launch/setup_env.sh tpu`) to AOT-compile for TPU")
+def test_aot_rft_rollout_rows_on_v5e_2x2():
+    # the tiny RFT config: 8 pairs per batch, 4 samples each: 2 prompts x 4 = 8 rows per call
+    cfg = plan.load_config(os.path.join(ROOT, "experiments/configs/rft.py:tiny"))
+    _, plans, _ = plan.make_plan(cfg, plan.get_topology("v5e-4"), programs=("decode",))
+    assert [p.name for p in plans] == ["rollout decode"]
+    assert plans[0].shape.startswith("8 rows x 1 tok") and plans[0].fits
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not importable: install the tpu extra "
+                    "(`bash experiments/launch/setup_env.sh tpu`) to AOT-compile for TPU")
 def test_multislice_mesh_splits_physical_axes():
     # fsdp 64 x tensor 4 per 16x16 slice is no product of whole torus axes: the hybrid mesh
     # must split them (it raised NotImplementedError before)
@@ -249,7 +356,7 @@ def test_an_out_of_memory_compile_says_it_does_not_fit():
     oom = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
                        "required for HLO temporaries (20.95G) exceeds available HBM (15.75G).\n"
                        "trace...")
-    with pytest.raises(plan.PlanError) as e:
+    with pytest.raises(plan.DoesNotFit) as e:  # a PlanError the CLI exits 3 for
         plan.compile_or_explain(Lowered(oom), "rollout prefill", "rollout")
     msg = str(e.value)
     assert msg.startswith("rollout prefill does not fit: Ran out of memory on HBM")
@@ -264,10 +371,10 @@ def test_an_out_of_memory_compile_says_it_does_not_fit():
 def test_colab_runtimes():
     # v2-8: 4 chips of 2 TensorCores, each core its own JAX device with half the chip's HBM
     v2, v5e, v6e = (plan.get_topology(n) for n in plan.COLAB_RUNTIMES)
-    assert (v2.num_chips, v2.num_devices, v2.chip.device_hbm_bytes) == (4, 8, 8 * plan.GIB)
-    assert v2.chip.device_peak_flops == 23e12 and v2.chip.device_hbm_bw == 350e9
-    assert (v5e.num_devices, v5e.chip.device_hbm_bytes) == (1, 16 * plan.GIB)
-    assert (v6e.num_devices, v6e.chip.device_hbm_bytes) == (1, 32 * plan.GIB)
+    assert (v2.num_chips, v2.num_devices, v2.chip.device.hbm_bytes) == (4, 8, 8 * plan.GIB)
+    assert v2.chip.device.peak_flops == 23e12 and v2.chip.device.hbm_bw == 350e9
+    assert (v5e.num_devices, v5e.chip.device.hbm_bytes) == (1, 16 * plan.GIB)
+    assert (v6e.num_devices, v6e.chip.device.hbm_bytes) == (1, 32 * plan.GIB)
     assert v5e.host_chips == v6e.host_chips == (1, 1, 1) and v2.host_chips == ()
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from test_rollout_helpers import make_tokenizer, model_config_for, tiny_protocol
 
 from vrthinker_jax import sharding
 from vrthinker_jax.models import config as model_config
 from vrthinker_jax.rollout import chat, frame_bank, memory, protocol, sampler
 from vrthinker_jax.rollout import engine as engine_lib
+from vrthinker_jax.rollout import environment as env_lib
 
 FRAME = (28, 56)  # 2 x 4 patches -> 1 x 2 merged tokens per frame
 PROMPTS = ["a fox runs in snow", "a cat", "two dogs play with a ball", "rain"]
@@ -139,83 +139,75 @@ def test_forced_multi_turn_frames_and_window(setup, forced_k2):
     assert evictions > 0
 
 
-def test_training_forward_reproduces_rollout_logprobs(setup, forced_k2):
-    """A full-sequence forward with memory.attention_mask (what the learner runs) gives the
-    rollout's log-probs on every generated token: same tokens, positions, frames, visibility."""
-    eng, model = setup["engine"], setup["model"]
-    rows = [0, 1]
-    trajs = [forced_k2[r] for r in rows]
-    n = max(len(t.tokens) for t in trajs)
-    n_frames = max(len(t.frames) for t in trajs)
+def _learner_batch(setup, trajs, rows):
+    """Training rows from the trajectories, built by the learner's own code
+    (`examples.from_trajectory`, `examples.collate`)."""
+    from vrthinker_jax.train import examples
 
-    def pad(x, value=0):
-        return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])], constant_values=value)
-
-    tokens = np.stack([pad(t.tokens) for t in trajs])
-    positions = np.stack([pad(t.positions) for t in trajs], axis=1)
-    until = np.stack([pad(t.visible_until, memory.NEVER) for t in trajs])
-    valid = np.stack([pad(np.ones(len(t.tokens), bool), False) for t in trajs])
-    frames = np.zeros((len(rows), n_frames) + FRAME + (3,), np.uint8)
-    for i, (r, t) in enumerate(zip(rows, trajs)):
-        frames[i, : len(t.frames)] = setup["banks"][r][np.asarray(t.frames) - 1]
-
-    @jax.jit
-    def forward(state, tokens, frames, positions, until, valid):
-        m = nnx.merge(eng.graphdef, state)
-        embeds = frame_bank.embed_with_frames(m, tokens, frames, eng.patch, eng.vt.pad)
-        mask = memory.attention_mask(until, valid)
-        logits, _ = m(tokens, positions, mask, inputs_embeds=embeds)
-        return logits
-
-    logits = np.asarray(forward(nnx.state(model), tokens, frames, positions, until, valid))
-    for i, t in enumerate(trajs):
-        k = len(t.tokens)
-        lg = logits[i, : k - 1]
-        logp = lg - lg.max(-1, keepdims=True)
-        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-        got = np.take_along_axis(logp, t.tokens[1:, None], -1)[:, 0]
-        gen = t.loss_mask[1:]
-        assert gen.sum() > 0
-        np.testing.assert_allclose(got[gen], t.logp[1:][gen], atol=2e-4)
-        # greedy: every generated token is the argmax of the training forward over the ids the
-        # sampler may draw (never a vision marker or pad)
-        lg = lg.copy()
-        lg[:, list(eng.static.banned_ids)] = -np.inf
-        np.testing.assert_array_equal(np.argmax(lg, -1)[gen], t.tokens[1:][gen])
-
-
-def _learner_logp(setup, trajs, rows):
-    """The learner's own path: training rows from the trajectories
-    (`examples.from_trajectory`), `steps.sequence_token_stats`. float32 [b, seq - 1]."""
-    from vrthinker_jax.train import examples, steps
-
-    eng, model = setup["engine"], setup["model"]
     seq = max(len(t.tokens) for t in trajs)
     n_frames = max(len(t.frames) for t in trajs)
     batch = examples.collate([
         examples.from_trajectory(t, setup["banks"][r], seq_len=seq, max_frames=n_frames)
         for r, t in zip(rows, trajs)])
+    # the arrays (what the learner puts on the device; per-row text stays on the host)
+    return {k: v for k, v in batch.items() if isinstance(v, np.ndarray)}
+
+
+def _learner_logp(setup, batch):
+    """The learner's log-probs of the rows (`steps.sequence_token_stats`): float32 [b, seq - 1]."""
+    from vrthinker_jax.train import steps
+
+    eng, model = setup["engine"], setup["model"]
     spec = steps.StepSpec(patch=eng.patch, image_pad_id=eng.vt.pad)
     logp, _ = jax.jit(lambda m, b: steps.sequence_token_stats(m, b, spec))(model, batch)
     return np.asarray(logp)
 
 
+def _learner_logits(setup, batch):
+    """Full logits float32 [b, seq, vocab] of the rows from the learner's embedding
+    (`steps.embed_inputs`) and mask (`memory.attention_mask`): what `sequence_token_stats`
+    projects, for checking greedy choices."""
+    from vrthinker_jax.train import steps
+
+    eng = setup["engine"]
+    spec = steps.StepSpec(patch=eng.patch, image_pad_id=eng.vt.pad)
+
+    @jax.jit
+    def logits(m, b):
+        embeds = steps.embed_inputs(m, b["tokens"], b["frames"], spec, b["visual"])
+        mask = memory.attention_mask(b["visible_until"], b["valid"])
+        return m(b["tokens"], b["positions"], mask, inputs_embeds=embeds)[0]
+
+    return np.asarray(logits(setup["model"], batch))
+
+
 def test_learner_path_reproduces_rollout_logprobs(setup, forced_k2):
     """What GRPO trains on: rows built by `examples.from_trajectory` through the learner's
-    `sequence_token_stats` give the rollout's log-probs (first-step ratio 1). A pad id inside
+    `sequence_token_stats` give the rollout's log-probs (first-step ratio 1) on every generated
+    token - same tokens, positions, frames (merged by the one `merge_visual_at`, at the
+    positions the rollout recorded), visibility - and the learner's logits pick the rollout's
+    greedy tokens. A pad id inside
     the model's text (which the sampler can no longer draw, but text may hold) stays text: the
     learner merges frames where the rollout put them, not where the pad id is."""
     rows = [0, 1]
     trajs = [forced_k2[r] for r in rows]
-    logp = _learner_logp(setup, trajs, rows)
+    batch = _learner_batch(setup, trajs, rows)
+    logp = _learner_logp(setup, batch)
+    logits = _learner_logits(setup, batch)
+    banned = list(setup["engine"].static.banned_ids)
     for i, t in enumerate(trajs):
         gen = t.loss_mask[1:]
         assert gen.sum() > 0
         got = logp[i, : len(t.tokens) - 1][gen]
         np.testing.assert_allclose(got, t.logp[1:][gen], atol=2e-4)
         np.testing.assert_allclose(np.exp(got - t.logp[1:][gen]), 1.0, atol=5e-4)  # ratio
-        structural = np.isin(t.tokens[t.loss_mask], setup["engine"].static.banned_ids)
+        structural = np.isin(t.tokens[t.loss_mask], banned)
         assert not structural.any()
+        # greedy: every generated token is the argmax of the learner's logits over the ids the
+        # sampler may draw (never a vision marker or pad)
+        lg = logits[i, : len(t.tokens) - 1].copy()
+        lg[:, banned] = -np.inf
+        np.testing.assert_array_equal(np.argmax(lg, -1)[gen], t.tokens[1:][gen])
 
     # the same trajectory with its first generated token after a frame replaced by the pad id:
     # the learner embeds it as text and every frame stays where the rollout put it (merging by
@@ -244,6 +236,46 @@ def test_learner_path_reproduces_rollout_logprobs(setup, forced_k2):
     np.testing.assert_allclose(e_b[vis], e_a[vis], atol=1e-6)
     pad_embed = np.asarray(model.embed(np.asarray([[eng.vt.pad]])))[0, 0]
     np.testing.assert_allclose(e_b[k], pad_embed, atol=1e-6)
+
+
+def test_scripted_environment_is_the_forced_rollout(setup, forced_k2):
+    """`force_tool_calls` / `forced_frames` are shorthand for a `ScriptedEnvironment`: passing
+    the environment gives the same trajectories, with no new compile."""
+    eng = setup["engine"]
+    before = eng.compile_count()
+    env = env_lib.ScriptedEnvironment(setup["pcfg"], 2, _forced)
+    trajs = eng.rollout(PROMPTS, setup["banks"], jax.random.key(0), environment=env)
+    assert eng.compile_count() == before
+    for a, b in zip(forced_k2, trajs):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.logp, b.logp)
+        assert (a.tool_frames, a.tool_errors, a.stop) == (b.tool_frames, b.tool_errors, b.stop)
+    with pytest.raises(ValueError, match="not both"):
+        eng.rollout(PROMPTS, setup["banks"], jax.random.key(0), environment=env,
+                    force_tool_calls=1)
+
+
+def test_pad_id_in_prompt_text_stays_text(setup):
+    """A prompt whose text holds the image-pad token: the rollout merges frames where it wrote
+    them (never where a pad id is), records that token as context, and the learner's rows give
+    the rollout's log-probs back."""
+    eng, tok = setup["engine"], setup["tok"]
+    prompts = [p + " <|image_pad|>" for p in PROMPTS]
+    env = env_lib.ScriptedEnvironment(setup["pcfg"], 1, _forced)
+    trajs = eng.rollout(prompts, setup["banks"], jax.random.key(0), environment=env)
+    for t in trajs:
+        in_text = (t.tokens == eng.vt.pad) & (t.kind != sampler.VISUAL)
+        assert in_text.sum() == 1 and not t.loss_mask[in_text].any()
+        assert int((t.kind == sampler.VISUAL).sum()) == len(t.frames) * eng.tokens_per_frame
+    assert tok.decode(trajs[0].tokens[trajs[0].kind == sampler.CONTEXT].tolist()).count(
+        "<|image_pad|>") == 1
+    rows = [0, 1]
+    logp = _learner_logp(setup, _learner_batch(setup, [trajs[r] for r in rows], rows))
+    for i in rows:
+        t = trajs[i]
+        gen = t.loss_mask[1:]
+        np.testing.assert_allclose(logp[i, : len(t.tokens) - 1][gen], t.logp[1:][gen],
+                                   atol=2e-4)
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""Rollout pieces that need no model: sampling math, the in-jit memory window, frame patches,
-chat tokenisation and M-RoPE positions."""
+"""Rollout pieces that need no model: sampling math, frame patches, segment frame positions,
+chat tokenisation and M-RoPE positions (the memory window: test_memory.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_rollout_helpers import make_tokenizer, tiny_protocol
 
-from vrthinker_jax.rollout import chat, frame_bank, memory, protocol, sampler
+from vrthinker_jax.rollout import chat, frame_bank, protocol, sampler
 
 # --------------------------------------------------------------------------- sampling
 
@@ -94,67 +94,6 @@ def test_stop_sequences_match_only_within_the_turn():
     hit = sampler._ends_with(tokens, last, turn, ((7, 8), (99,)))
     # row 1 ends with 7, 8 but its turn has one token: the 7 came from the context
     assert np.asarray(hit).tolist() == [True, False, True]
-
-
-# --------------------------------------------------------------------------- memory window
-
-
-def _random_conversation(rng, window, max_per_call, tpf, n_events):
-    """Token layout of one conversation: events with text, frames and generated text."""
-    frame_of, starts, per_event, frame_starts = [], [], [], []
-    occ = 0
-    for e in range(n_events):
-        starts.append(len(frame_of))
-        hi = window if e == 0 else max_per_call
-        count = int(rng.integers(1 if e == 0 else 0, hi + 1))
-        per_event.append(count)
-        frame_of += [-1] * int(rng.integers(1, 4))
-        evs = []
-        for _ in range(count):
-            frame_of += [-1] * int(rng.integers(0, 3))
-            evs.append(len(frame_of))
-            frame_of += [occ] * tpf
-            occ += 1
-        frame_starts.append(evs)
-        frame_of += [-1] * int(rng.integers(1, 5))  # the model's turn
-    return np.asarray(frame_of, np.int32), starts, per_event, frame_starts
-
-
-def test_window_update_agrees_with_memory_visible_until():
-    window, max_per_call, tpf, b = 5, 4, 3, 16
-    rng = np.random.default_rng(0)
-    convs = [_random_conversation(rng, window, max_per_call, tpf, int(rng.integers(1, 7)))
-             for _ in range(b)]
-    size = max(len(c[0]) for c in convs) + 1
-    n_events = max(len(c[1]) for c in convs)
-    update = jax.jit(sampler.window_update, static_argnums=(6,))
-    mem = sampler.FrameMemory.empty(b, window)
-    until = jnp.full((b, size), memory.NEVER, jnp.int32)
-    frames_seen = [[] for _ in range(b)]
-    for e in range(n_events):
-        n_new = np.zeros(b, np.int32)
-        new_frames = np.zeros((b, window), np.int32)
-        new_starts = np.zeros((b, window), np.int32)
-        event_slot = np.zeros(b, np.int32)
-        for i, (_, starts, per_event, fstarts) in enumerate(convs):
-            if e >= len(starts):
-                continue
-            n_new[i] = per_event[e]
-            ids = rng.integers(1, 50, size=per_event[e])
-            new_frames[i, : per_event[e]] = ids
-            frames_seen[i] += ids.tolist()
-            new_starts[i, : per_event[e]] = fstarts[e]
-            event_slot[i] = starts[e]
-        mem, until = update(mem, until, jnp.asarray(n_new), jnp.asarray(new_frames),
-                            jnp.asarray(new_starts), jnp.asarray(event_slot), tpf)
-    until = np.asarray(until)
-    for i, (frame_of, starts, per_event, _) in enumerate(convs):
-        ref = memory.visible_until(frame_of, starts, per_event, window)
-        np.testing.assert_array_equal(until[i, : len(frame_of)], ref)
-        # the window holds the last W occurrences
-        held = np.asarray(mem.slot_frame[i])[np.asarray(mem.slot_start[i]) >= 0]
-        assert sorted(held.tolist()) == sorted(frames_seen[i][-window:])
-        assert int(mem.count[i]) == sum(per_event)
 
 
 # --------------------------------------------------------------------------- frame patches
@@ -298,3 +237,54 @@ def test_banned_ids_are_never_drawn_even_when_they_dominate():
                                    np.asarray(full)[np.arange(64), np.asarray(tok)], rtol=1e-6)
     tok, _ = sampler.sample_logits(logits, jax.random.key(0), 1.0, 0, 1.0)
     assert np.isin(np.asarray(tok), banned).mean() > 0.9  # without the ban they win
+
+
+# --------------------------------------------------------------------------- frame positions
+
+
+def test_segment_visual_marks_the_frames_tokens_not_pad_ids(tokenizer):
+    """The insert merges frames where the segment's builder put them (`segment_visual`, from
+    the frame offsets), so a pad id in the text is never taken for a frame."""
+    pcfg, tpf = tiny_protocol(), 4
+    call = protocol.parse_tool_call(protocol.format_tool_call([3, 9]), pcfg)
+    rows = [chat.tokenize_segments(tokenizer, segs, tpf) for segs in (
+        protocol.prompt_segments("a fox", pcfg),
+        protocol.tool_response_segments(call, pcfg, calls_done=1))]
+    r, f = max(len(t.ids) for t in rows), max(len(t.frames) for t in rows) + 1
+    tokens = np.zeros((2, r), np.int32)
+    frames, offsets = np.zeros((2, f), np.int32), np.zeros((2, f), np.int32)
+    want = np.zeros((2, r), bool)
+    for i, t in enumerate(rows):
+        tokens[i, : len(t.ids)] = t.ids
+        frames[i, : len(t.frames)] = t.frames
+        offsets[i, : len(t.frames)] = [int(np.argmax(t.frame_of_token == o))
+                                       for o in range(len(t.frames))]
+        want[i, : len(t.ids)] = t.frame_of_token >= 0
+    pad = chat.VisionTokens.from_tokenizer(tokenizer).pad
+    tokens[0, 1] = pad  # a pad id in text
+    seg = sampler.Segment(tokens, np.zeros(2, np.int32), np.zeros((3, 2, r), np.int32),
+                          np.zeros(2, np.int32), frames, offsets, np.zeros(2, np.int32),
+                          np.ones(2, bool))
+    np.testing.assert_array_equal(np.asarray(sampler.segment_visual(seg, tpf)), want)
+
+
+def test_merge_visual_at_per_row_and_whole_batch():
+    """`merge_visual_at`, the one merge of rollout and learner: per-row visual rows go to each
+    row's marked positions in order (rows pad theirs); a [n, d] stream fills the batch
+    row-major; unmarked positions keep their embeddings."""
+    from vrthinker_jax.models import model as model_lib
+
+    rng = np.random.default_rng(0)
+    embeds = rng.normal(size=(2, 6, 3)).astype(np.float32)
+    marked = np.asarray([[0, 1, 1, 0, 1, 0], [1, 0, 0, 0, 0, 1]], bool)
+    visual = rng.normal(size=(2, 3, 3)).astype(np.float32)  # row 1 uses 2 of its 3
+    got = np.asarray(model_lib.merge_visual_at(jnp.asarray(embeds), jnp.asarray(marked),
+                                               jnp.asarray(visual)))
+    want = embeds.copy()
+    for i in range(2):
+        want[i, marked[i]] = visual[i, : marked[i].sum()]
+    np.testing.assert_array_equal(got, want)
+    stream = np.concatenate([visual[0], visual[1, :2]])
+    flat = np.asarray(model_lib.merge_visual_at(jnp.asarray(embeds), jnp.asarray(marked),
+                                                jnp.asarray(stream)))
+    np.testing.assert_array_equal(flat, want)

@@ -2,9 +2,10 @@
 
 Both sides run the same tiny Qwen2.5-VL weights (a random transformers model imported with
 `checkpoints.hf.from_state_dict`), the same batch and greedy decoding on the protocol's first
-prompt (initial frames of both videos as images). The rollout additionally serves K forced
-`select_frames` calls per row (`--force-tool-calls K`: a turn that ends without a call gets a
-canonical call injected), so its tokens/s includes the environment inserts; transformers just
+prompt (initial frames of both videos as images). The rollout additionally serves K
+`select_frames` calls per row (`--force-tool-calls K`: the scripted environment,
+`rollout/environment.ScriptedEnvironment`, injects a canonical call into a turn that ends
+without one), so its tokens/s includes the environment inserts; transformers just
 generates the same number of new tokens per row from the first prompt.
 
 `compiles` counts XLA compilations (jax_log_compiles) during the first, cold rollout; run with
@@ -23,6 +24,7 @@ rollout's own tokens, with every frame it has shown as an image), generating tha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -139,7 +141,20 @@ def hf_same_work(hf_model, trajs, banks, eng, cfg, neutral_id: int):
     return seconds, generated
 
 
-def main(argv=None) -> int:
+@dataclasses.dataclass
+class _Timings:
+    """The alternating timed runs (one entry per repeat, in order)."""
+
+    rollout_s: list[float]
+    hf_s: list[float]
+    same_work_s: list[float]  # empty without --same-work
+    phases: list[dict]  # the engine's phase times and call counts (eng.stats) of each rollout
+    trajs: list  # the last rollout's trajectories
+    hf_generated: int  # new tokens of the last single-turn generate, all rows
+    same_work_tokens: int | None  # new tokens of the last same-work replay, all rows
+
+
+def _parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", default="tiny", help="tiny | small")
@@ -154,32 +169,42 @@ def main(argv=None) -> int:
                    help="also time transformers on the rollout's own multi-turn conversations")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs per side, alternating (medians are reported)")
-    args = p.parse_args(argv)
-    if args.force_tool_calls < 0 or args.batch < 1:
-        print("rollout_bench: --force-tool-calls must be >= 0 and --batch >= 1", file=sys.stderr)
-        return 2
+    return p.parse_args(argv)
 
-    import jax
-    import numpy as np
+
+def _models(size: str):
+    """(tokenizer, model config, transformers model, our model): the same random weights.
+
+    The transformers model is drawn first (torch seed 0) and imported with
+    `checkpoints.hf.from_state_dict`, so both sides compute the same function.
+    """
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from vrthinker_jax.checkpoints import hf
     from vrthinker_jax.models import config as model_config
-    from vrthinker_jax.rollout import chat, engine, frame_bank, protocol, sampler
 
-    k = args.force_tool_calls
-    frame = tuple(args.frame)
     with tempfile.TemporaryDirectory() as tmp:
         tok = _tokenizer(tmp, 400)
-    cfg = _model_config(args.size, tok)
+    cfg = _model_config(size, tok)
     torch.manual_seed(0)
     hf_cfg = Qwen2_5_VLConfig(**model_config.to_hf_config(cfg))
     hf_cfg._attn_implementation = "eager"
     hf_model = Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
     model = hf.from_state_dict(cfg, {n: t.detach().numpy() for n, t in
                                      hf_model.state_dict().items()})
+    return tok, cfg, hf_model, model
 
+
+def _engine(model, cfg, tok, args, frame: tuple[int, int]):
+    """(protocol config, sampling config, RolloutEngine) for K = args.force_tool_calls calls.
+
+    Without --max-len the cache and the one prompt bucket are the smallest the conversation
+    fits (rounded up to 64 slots), as a sized config would set them.
+    """
+    from vrthinker_jax.rollout import chat, engine, protocol, sampler
+
+    k = args.force_tool_calls
     pcfg = protocol.ProtocolConfig(
         num_candidates=16, num_initial_frames=4, max_turns=max(k + 1, 2), max_frames_per_call=6,
         memory_window=20, system_prompt="Compare video 1 and video 2. Look at frames.",
@@ -192,94 +217,149 @@ def main(argv=None) -> int:
     if args.serve_fraction is not None:
         scfg.serve_fraction = args.serve_fraction
     eng = engine.RolloutEngine(model, cfg, tok, pcfg, scfg, frame)
-    if not args.max_len:  # the smallest cache the conversation fits, like a sized config
+    if not args.max_len:
+        # the engine above only measures the prompt and a tool response in tokens
         prompt = len(chat.tokenize_segments(tok, protocol.prompt_segments("x" * 60, pcfg),
                                             eng.tokens_per_frame).ids)
         need = prompt + turns * args.turn_tokens + k * eng.resp_len + 1
-        # one prompt bucket that fits the prompt (rounded up to 64), like a sized config
         scfg.prompt_buckets = (int(-(-prompt // 64) * 64),)
         scfg.max_len = int(-(-max(need, scfg.prompt_buckets[0] + args.turn_tokens + 1) // 64)
                            * 64)
         eng = engine.RolloutEngine(model, cfg, tok, pcfg, scfg, frame)
-    rng = np.random.default_rng(0)
-    banks = rng.integers(0, 256, (args.batch, pcfg.total_frames) + frame + (3,), np.uint8)
-    prompts = [f"a red fox runs through the snow, take {i}" for i in range(args.batch)]
+    return pcfg, scfg, eng
+
+
+def _cold_rollout(eng, prompts, banks, env):
+    """The first rollout, counting the XLA compilations it triggers. Returns (trajectories,
+    compiles). Compile logging is counted, not printed, for the rest of the run."""
+    import jax
 
     counter = _CompileCounter()
     logging.getLogger("jax").addHandler(counter)
     logging.getLogger("jax").propagate = False  # count, do not print
     jax.config.update("jax_log_compiles", True)
-    trajs = eng.rollout(prompts, banks, jax.random.key(0), force_tool_calls=k)
+    trajs = eng.rollout(prompts, banks, jax.random.key(0), environment=env)
     jax.config.update("jax_log_compiles", False)
-    compiles = counter.count
-    generated = sum(int(t.loss_mask.sum()) for t in trajs)
-    tool_calls = [t.tool_calls for t in trajs]
+    return trajs, counter.count
 
-    # transformers: same weights, batch and first prompt; greedy, same new tokens per row
-    segs = protocol.prompt_segments(prompts[0], pcfg)
-    t = chat.tokenize_segments(tok, segs, eng.tokens_per_frame)
+
+def _hf_first_prompt(tok, cfg, pcfg, eng, prompt: str, banks: np.ndarray, frame):
+    """transformers' inputs for single-turn `generate`: every row gets the protocol's first
+    prompt on `prompt` with its own bank's initial frames as images.
+
+    banks: uint8 [batch, 2N, H, W, 3]. Returns (ids int64 tensor [batch, prompt_len], the other
+    keyword arguments of `generate`: pixels, grids, mask, greedy decoding).
+    """
+    import torch
+
+    from vrthinker_jax.rollout import chat, frame_bank, protocol
+
+    batch = len(banks)
+    t = chat.tokenize_segments(tok, protocol.prompt_segments(prompt, pcfg), eng.tokens_per_frame)
     pv = np.concatenate([frame_bank.patchify_numpy(banks[i][np.asarray(t.frames) - 1],
                                                    eng.patch).reshape(-1, eng.patch.patch_dim)
-                         for i in range(args.batch)])
-    grid = np.asarray([eng.patch.grid_thw(*frame)] * (len(t.frames) * args.batch))
-    ids = torch.as_tensor(np.tile(t.ids.astype(np.int64), (args.batch, 1)))
+                         for i in range(batch)])
+    grid = np.asarray([eng.patch.grid_thw(*frame)] * (len(t.frames) * batch))
+    ids = torch.as_tensor(np.tile(t.ids.astype(np.int64), (batch, 1)))
     kw = dict(pixel_values=torch.as_tensor(pv), image_grid_thw=torch.as_tensor(grid),
               mm_token_type_ids=(ids == cfg.image_token_id).long(), do_sample=False,
               attention_mask=torch.ones_like(ids), pad_token_id=0)
-    per_row = max(1, generated // args.batch)
+    return ids, kw
 
-    # The two sides alternate, one timed run each per repeat, and medians are reported: the
-    # machine is shared, and timing all of one side before the other lets load drift decide
-    # the ratio.
-    times, hf_times, same_times, runs = [], [], [], []
+
+def _timed_runs(args, eng, hf_model, cfg, tok, prompts, banks, env, ids, hf_kw,
+                per_row: int) -> _Timings:
+    """`args.repeats` rounds of: one rollout, one single-turn `generate` of `per_row` new tokens
+    per row, and (with --same-work) the same-work replay of that rollout.
+
+    The sides alternate and medians are reported because the machine is shared: timing all of
+    one side before the other lets load drift decide the ratio.
+    """
+    import jax
+    import torch
+
+    times, hf_times, same_times, phases = [], [], [], []
+    trajs, out, same_tokens = None, None, None
     with torch.no_grad():
-        hf_model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        hf_model.generate(ids, max_new_tokens=4, min_new_tokens=4, **hf_kw)  # warm-up
         for r in range(args.repeats):
             eng.stats = dict.fromkeys(eng.stats, 0)
             t0 = time.perf_counter()
-            trajs = eng.rollout(prompts, banks, jax.random.key(r + 1), force_tool_calls=k)
+            trajs = eng.rollout(prompts, banks, jax.random.key(r + 1), environment=env)
             times.append(time.perf_counter() - t0)
-            runs.append({key: round(v, 3) for key, v in eng.stats.items()})
+            phases.append({key: round(v, 3) for key, v in eng.stats.items()})
             t0 = time.perf_counter()
-            out = hf_model.generate(ids, max_new_tokens=per_row, min_new_tokens=per_row, **kw)
+            out = hf_model.generate(ids, max_new_tokens=per_row, min_new_tokens=per_row, **hf_kw)
             hf_times.append(time.perf_counter() - t0)
             if args.same_work:
                 same_s, same_tokens = hf_same_work(hf_model, trajs, banks, eng, cfg,
                                                    tok.encode("x")[0])
                 same_times.append(same_s)
     hf_generated = int(out.shape[0] * (out.shape[1] - ids.shape[1]))
-    med = float(np.median(times))
-    hf_med = float(np.median(hf_times))
-    phases = runs[int(np.argsort(times)[len(times) // 2])]
-    generated = sum(int(t.loss_mask.sum()) for t in trajs)
-    tool_calls = [t.tool_calls for t in trajs]
+    return _Timings(times, hf_times, same_times, phases, trajs, hf_generated, same_tokens)
 
+
+def _report(args, eng, scfg, compiles: int, tm: _Timings) -> dict:
+    """The printed JSON line: medians, ratios, the median rollout's phases, compile counts."""
+    import jax
+
+    med = float(np.median(tm.rollout_s))
+    hf_med = float(np.median(tm.hf_s))
+    phases = tm.phases[int(np.argsort(tm.rollout_s)[len(tm.rollout_s) // 2])]
+    generated = sum(int(t.loss_mask.sum()) for t in tm.trajs)
+    tool_calls = [t.tool_calls for t in tm.trajs]
     tokens_per_s = generated / med
-    hf_tokens_per_s = hf_generated / hf_med
+    hf_tokens_per_s = tm.hf_generated / hf_med
     same = {}
-    if same_times:
-        same_med = float(np.median(same_times))
+    if tm.same_work_s:
+        same_med = float(np.median(tm.same_work_s))
+        same_tokens = tm.same_work_tokens
         same = {"hf_same_work_tokens_per_s": round(same_tokens / same_med, 1),
                 "ratio_same_work": round(tokens_per_s / (same_tokens / same_med), 2),
                 "hf_same_work_s": round(same_med, 3), "hf_same_work_tokens": same_tokens}
-    print(json.dumps({
-        "size": args.size, "batch": args.batch, "force_tool_calls": k,
+    return {
+        "size": args.size, "batch": args.batch, "force_tool_calls": args.force_tool_calls,
         "tokens_per_s": round(tokens_per_s, 1), "hf_tokens_per_s": round(hf_tokens_per_s, 1),
         "ratio": round(tokens_per_s / hf_tokens_per_s, 2),
         **same,
         "tool_calls": int(sum(tool_calls)), "tool_calls_per_row": sorted(set(tool_calls)),
         "compiles": compiles, "rollout_fn_compiles": eng.compile_count(),
         "generated_tokens": generated, "rollout_s": round(med, 3),
-        "hf_generated_tokens": hf_generated, "hf_s": round(hf_med, 3),
-        "rollout_s_runs": [round(x, 3) for x in times],
-        "hf_s_runs": [round(x, 3) for x in hf_times],
+        "hf_generated_tokens": tm.hf_generated, "hf_s": round(hf_med, 3),
+        "rollout_s_runs": [round(x, 3) for x in tm.rollout_s],
+        "hf_s_runs": [round(x, 3) for x in tm.hf_s],
         # ratio of each alternating pair (same load), for judging the noise
-        "ratio_runs": [round((generated / a) / (hf_generated / h), 2)
-                       for a, h in zip(times, hf_times)],
+        "ratio_runs": [round((generated / a) / (tm.hf_generated / h), 2)
+                       for a, h in zip(tm.rollout_s, tm.hf_s)],
         "cache_slots": eng.static.size,
         "serve_fraction": scfg.serve_fraction, "phases": phases, "turn_tokens": args.turn_tokens,
         "devices": jax.device_count(), "backend": jax.default_backend(),
-    }))
+    }
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    if args.force_tool_calls < 0 or args.batch < 1:
+        print("rollout_bench: --force-tool-calls must be >= 0 and --batch >= 1", file=sys.stderr)
+        return 2
+
+    from vrthinker_jax.rollout import environment
+
+    k = args.force_tool_calls
+    frame = tuple(args.frame)
+    tok, cfg, hf_model, model = _models(args.size)
+    pcfg, scfg, eng = _engine(model, cfg, tok, args, frame)
+    # K scripted calls per row; K = 0 serves only the calls the model makes itself
+    env = environment.ScriptedEnvironment(pcfg, k) if k else environment.ToolEnvironment(pcfg)
+    rng = np.random.default_rng(0)
+    banks = rng.integers(0, 256, (args.batch, pcfg.total_frames) + frame + (3,), np.uint8)
+    prompts = [f"a red fox runs through the snow, take {i}" for i in range(args.batch)]
+    trajs, compiles = _cold_rollout(eng, prompts, banks, env)
+    # transformers generates as many new tokens per row as the cold rollout did on average
+    per_row = max(1, sum(int(t.loss_mask.sum()) for t in trajs) // args.batch)
+    ids, hf_kw = _hf_first_prompt(tok, cfg, pcfg, eng, prompts[0], banks, frame)
+    tm = _timed_runs(args, eng, hf_model, cfg, tok, prompts, banks, env, ids, hf_kw, per_row)
+    print(json.dumps(_report(args, eng, scfg, compiles, tm)))
     return 0
 
 

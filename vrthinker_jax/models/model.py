@@ -54,15 +54,23 @@ def merge_visual_embeds(embeds, input_ids, visual, token_ids):
 def merge_visual_at(embeds, is_visual, visual):
     """Replace the embeddings at the marked positions by visual rows, in order.
 
+    The one merge of frames into text: the rollout's insert (`frame_bank.embed_with_frames`),
+    the preset engine's re-prefill (`sampler.reprefill`), the learner
+    (`train/steps.embed_inputs`) and the HF-style forward (`merge_visual_embeds`) all call it.
+
     embeds: [b, s, d]; is_visual: bool [b, s] (where the frames' tokens sit, known from how
     the sequence was built, not from its token ids: text may hold the pad token); visual:
-    [n, d]. The i-th visual row goes to the i-th marked position (row-major).
+    [b, n, d] per row (the i-th row of visual[r] goes to the i-th marked position of row r;
+    rows with fewer marked positions pad with anything), or [n, d] for the whole batch (the
+    i-th visual row goes to the i-th marked position, row-major). Returns [b, s, d].
     """
     b, s, d = embeds.shape
-    hit = is_visual.reshape(-1)
-    slot = jnp.clip(jnp.cumsum(hit) - 1, 0, visual.shape[0] - 1)
-    rows = visual.astype(embeds.dtype)[slot]
-    return jnp.where(hit[:, None], rows, embeds.reshape(-1, d)).reshape(b, s, d)
+    if visual.ndim == 2:  # one stream for the whole batch: the batch read as one long row
+        return merge_visual_at(embeds.reshape(1, b * s, d), is_visual.reshape(1, b * s),
+                               visual[None]).reshape(b, s, d)
+    slot = jnp.clip(jnp.cumsum(is_visual, axis=1) - 1, 0, visual.shape[1] - 1)
+    rows = jnp.take_along_axis(visual.astype(embeds.dtype), slot[:, :, None], axis=1)
+    return jnp.where(is_visual[:, :, None], rows, embeds)
 
 
 def _stacked_layers(tc, rngs: nnx.Rngs, kw) -> DecoderLayer:
@@ -175,67 +183,94 @@ class Qwen25VL(nnx.Module):
         cos, sin = rope_lib.mrope_cos_sin(positions, tc.head_dim, tc.rope_theta,
                                           tc.mrope_section, self.dtype)
         mask = attn_mask.astype(bool)
-        if cache is not None:
-            cache_index = jnp.asarray(cache_index, jnp.int32)
-            if mask.shape[-1] > cache.k.shape[3]:
-                raise ValueError(f"attn_mask covers {mask.shape[-1]} keys but the cache has "
-                                 f"{cache.k.shape[3]} slots")
-            if kv_prefixes is not None:
-                kv_prefixes = tuple(int(n) for n in kv_prefixes)
-                if (list(kv_prefixes) != sorted(set(kv_prefixes))
-                        or kv_prefixes[-1] > mask.shape[-1]):
-                    raise ValueError(f"kv_prefixes {kv_prefixes} must increase and end at most "
-                                     f"at the mask's {mask.shape[-1]} keys")
-                kv_need = jnp.asarray(kv_need, jnp.int32)
-
         if cache is None:
-            pin = constrain or (lambda x: x)
-
-            def run(layer, x):
-                return pin(layer(x, cos, sin, mask)[0])
+            x, new_cache = self._layers_without_cache(x, cos, sin, mask, constrain), None
         else:
-            # The whole stacked cache travels through the layers and each layer writes only its
-            # new slots (in place when the caller donates the cache), instead of every layer
-            # returning a full copy that is stacked again.
-            def run(layer, x, ck, cv, i):
-                x, (ck, cv) = layer(x, cos, sin, mask, ck, cv, cache_index, layer=i,
-                                    kv_prefixes=kv_prefixes, kv_need=kv_need)
-                return x, ck, cv
-
-        if self.remat:
-            run = nnx.remat(run)
-        if self.scan_layers:
-            n = tc.num_hidden_layers
-            if cache is None:
-                @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
-                          transform_metadata={nnx.PARTITION_NAME: "layers"})
-                def body(layer, x):
-                    return run(layer, x)
-
-                x = body(self.layers, x)
-                new_cache = None
-            else:
-                @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry,
-                          transform_metadata={nnx.PARTITION_NAME: "layers"})
-                def body(layer, carry, i):
-                    return run(layer, *carry, i)
-
-                x, ks, vs = body(self.layers, (x, cache.k, cache.v), jnp.arange(n))
-                new_cache = KVCache(ks, vs)
-        elif cache is None:
-            for layer in self.layers:
-                x = run(layer, x)
-            new_cache = None
-        else:
-            ks, vs = cache.k, cache.v
-            for i, layer in enumerate(self.layers):
-                x, ks, vs = run(layer, x, ks, vs, i)
-            new_cache = KVCache(ks, vs)
+            cache_index, kv_prefixes, kv_need = _cache_args(mask, cache, cache_index,
+                                                            kv_prefixes, kv_need)
+            x, new_cache = self._layers_with_cache(x, cos, sin, mask, cache, cache_index,
+                                                   kv_prefixes, kv_need)
         if logits_at is not None:
             idx = jnp.asarray(logits_at, jnp.int32)
             x = jnp.take_along_axis(x, idx[:, :, None], axis=1)
         x = self.norm(x)
         return (x if return_hidden else self.logits(x)), new_cache
+
+    def _layers_without_cache(self, x, cos, sin, mask, constrain) -> jax.Array:
+        """x [b, s, hidden] through every decoder layer (a training / scoring forward).
+
+        cos, sin: the M-RoPE tables of `rope.mrope_cos_sin`; mask bool [b, s, s]; constrain as
+        in `__call__`. Returns [b, s, hidden] before the final norm.
+        """
+        pin = constrain or (lambda x: x)
+
+        def run(layer, x):
+            return pin(layer(x, cos, sin, mask)[0])
+
+        if self.remat:
+            run = nnx.remat(run)
+        if self.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def body(layer, x):
+                return run(layer, x)
+
+            return body(self.layers, x)
+        for layer in self.layers:
+            x = run(layer, x)
+        return x
+
+    def _layers_with_cache(self, x, cos, sin, mask, cache, cache_index, kv_prefixes,
+                           kv_need) -> tuple[jax.Array, KVCache]:
+        """x [b, s, hidden] through every decoder layer, writing each layer's keys and values.
+
+        cos, sin: the M-RoPE tables; mask bool [b, s, kv_len]; cache, cache_index, kv_prefixes,
+        kv_need as checked by `_cache_args`. Returns ([b, s, hidden] before the final norm, the
+        cache with this call's slots written).
+        """
+        # The whole stacked cache travels through the layers and each layer writes only its
+        # new slots (in place when the caller donates the cache), instead of every layer
+        # returning a full copy that is stacked again.
+        def run(layer, x, ck, cv, i):
+            x, (ck, cv) = layer(x, cos, sin, mask, ck, cv, cache_index, layer=i,
+                                kv_prefixes=kv_prefixes, kv_need=kv_need)
+            return x, ck, cv
+
+        if self.remat:
+            run = nnx.remat(run)
+        if self.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry,
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def body(layer, carry, i):
+                return run(layer, *carry, i)
+
+            x, ks, vs = body(self.layers, (x, cache.k, cache.v),
+                             jnp.arange(self.config.text.num_hidden_layers))
+            return x, KVCache(ks, vs)
+        ks, vs = cache.k, cache.v
+        for i, layer in enumerate(self.layers):
+            x, ks, vs = run(layer, x, ks, vs, i)
+        return x, KVCache(ks, vs)
+
+
+def _cache_args(mask, cache: KVCache, cache_index, kv_prefixes, kv_need):
+    """Checks and normalises a cached call's arguments (see `Qwen25VL.__call__`).
+
+    mask bool [b, s, kv_len] must not cover more keys than the cache has slots; kv_prefixes
+    (static) must increase and end at most at kv_len. Returns (cache_index int32 [b],
+    kv_prefixes tuple of ints or None, kv_need int32 scalar, or as given without kv_prefixes).
+    """
+    cache_index = jnp.asarray(cache_index, jnp.int32)
+    if mask.shape[-1] > cache.k.shape[3]:
+        raise ValueError(f"attn_mask covers {mask.shape[-1]} keys but the cache has "
+                         f"{cache.k.shape[3]} slots")
+    if kv_prefixes is not None:
+        kv_prefixes = tuple(int(n) for n in kv_prefixes)
+        if list(kv_prefixes) != sorted(set(kv_prefixes)) or kv_prefixes[-1] > mask.shape[-1]:
+            raise ValueError(f"kv_prefixes {kv_prefixes} must increase and end at most "
+                             f"at the mask's {mask.shape[-1]} keys")
+        kv_need = jnp.asarray(kv_need, jnp.int32)
+    return cache_index, kv_prefixes, kv_need
 
 
 # -- numpy-in, numpy-out forward like transformers' Qwen2_5_VLForConditionalGeneration ----------

@@ -1,8 +1,9 @@
 """The thinking-with-images rollout: a host loop around the compiled decode / insert functions.
 
-Per event the host reads the small status arrays, parses the tool calls of the rows that wait for
-the environment (`protocol.parse_tool_call`), tokenises the responses (`chat.tokenize_segments`),
-computes their M-RoPE positions (`chat.mrope_positions`), and hands them to the compiled
+Per event the host reads the small status arrays, hands every turn that ended to the tool
+environment (`environment.py`: the call's response, an error, or the end of the row), tokenises
+the responses (`chat.tokenize_segments`), computes their M-RoPE positions
+(`chat.mrope_positions`), and hands them to the compiled
 `sampler.insert`, which gathers the frames from the on-device bank, encodes them in one chunk,
 updates the memory window and prefills them (`sampling.prefill_chunk` tokens at a time, skipping
 the chunks past the longest real response, so one static response length `resp_len` costs what
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -27,9 +27,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vrthinker_jax import distributed, sharding
 from vrthinker_jax.models import model as model_lib
-from vrthinker_jax.rollout import chat, frame_bank, protocol, sampler
-
-TOOLS_DISABLED = "Tool use is disabled for this evaluation: give your final answer now."
+from vrthinker_jax.rollout import chat, memory, protocol, sampler
+from vrthinker_jax.rollout import environment as env_lib
+from vrthinker_jax.rollout import shapes as shapes_lib
 
 
 @dataclasses.dataclass
@@ -78,14 +78,6 @@ class Trajectory:
         return self.tokens[self.loss_mask]
 
 
-def _bucket(n: int, buckets) -> int:
-    for b in sorted(buckets):
-        if n <= b:
-            return int(b)
-    raise ValueError(f"sampling.prompt_buckets: prompt of {n} tokens exceeds the largest bucket "
-                     f"{max(buckets)}")
-
-
 def _stop_sequence(tokenizer, text: str) -> tuple[int, ...]:
     """One id when the tokenizer has `text` as a token, else its encoding."""
     try:
@@ -100,8 +92,67 @@ def _stop_sequence(tokenizer, text: str) -> tuple[int, ...]:
     return ids
 
 
+def rollout_shapes(model_cfg, tokenizer, protocol_cfg: protocol.ProtocolConfig, sampling_cfg,
+                   frame_size: Sequence[int]) -> shapes_lib.RolloutShapes:
+    """Every static shape a `RolloutEngine` compiles (`shapes.rollout_shapes`), its
+    response-insert length measured with `tokenizer` (`environment.max_response_len`). Needs no
+    model. Raises ValueError on settings that disagree."""
+    vt = chat.VisionTokens.from_tokenizer(tokenizer)
+    if vt.pad != model_cfg.image_token_id:
+        raise ValueError(
+            f"tokenizer's <|image_pad|> id {vt.pad} != model config image_token_id "
+            f"{model_cfg.image_token_id}"
+        )
+    resp_len = env_lib.max_response_len(tokenizer, protocol_cfg,
+                                        shapes_lib.tokens_per_frame(model_cfg, frame_size))
+    return shapes_lib.rollout_shapes(model_cfg, protocol_cfg, sampling_cfg, frame_size,
+                                     response_len=resp_len)
+
+
+def static_for(shapes: shapes_lib.RolloutShapes, tokenizer, sampling_cfg) -> sampler.Static:
+    """The sampler's static settings for `shapes` with `tokenizer`'s stop sequences, vocabulary
+    limit and structural ids (`shapes.sampler_static`)."""
+    ends = [protocol.IM_END, "<|endoftext|>"]
+    return shapes_lib.sampler_static(
+        shapes, sampling_cfg,
+        stop_tool=(_stop_sequence(tokenizer, protocol.TOOL_CALL_END),),
+        stop_end=tuple(_stop_sequence(tokenizer, t) for t in ends),
+        vocab_limit=(int(tokenizer.vocab_size)
+                     if sampling_cfg.get("restrict_to_tokenizer_vocab", True) else 0),
+        banned_ids=chat.structural_ids(tokenizer),
+    )
+
+
+def sampler_static(model_cfg, tokenizer, protocol_cfg: protocol.ProtocolConfig, sampling_cfg,
+                   frame_size: Sequence[int]) -> sampler.Static:
+    """The static settings a `RolloutEngine` compiles with: every shape of its rollout
+    (`rollout_shapes`) and the sampling knobs. Needs no model, so a planner can size the
+    engine's programs from it. Raises ValueError on settings that disagree."""
+    return static_for(rollout_shapes(model_cfg, tokenizer, protocol_cfg, sampling_cfg,
+                                     frame_size), tokenizer, sampling_cfg)
+
+
+@dataclasses.dataclass
+class _RowLog:
+    """The host's record of one row during a rollout (the state holds its tokens)."""
+
+    turn_start: int  # cache slot where the current assistant turn starts
+    turns: list[str] = dataclasses.field(default_factory=list)
+    tool_frames: list[list[int]] = dataclasses.field(default_factory=list)
+    tool_errors: list[str | None] = dataclasses.field(default_factory=list)
+    stop: str = ""  # why the row ended ("" while it runs): an `environment.Reply.stop`
+
+
+# how a turn ended, from the row's status after a decode call
+_TURN_END = {sampler.WAIT_TOOL: env_lib.TOOL_CALL, sampler.DONE: env_lib.END,
+             sampler.CAPPED: env_lib.CAPPED}
+
+
 class RolloutEngine:
     """Batched multi-turn rollouts of a Qwen2.5-VL reward model with the select_frames tool.
+
+    The engine drives generation; what a finished turn gets back is the environment's
+    (`environment.ToolEnvironment`, or a `ScriptedEnvironment` given to `rollout`).
 
     Args:
       model: the `Qwen25VL` nnx module (its params are split off; call `update_params` after a
@@ -126,53 +177,26 @@ class RolloutEngine:
         self.scfg = sampling_cfg
         self.mesh = mesh
         self.frame_size = tuple(int(x) for x in frame_size)
-        self.patch = frame_bank.PatchSpec.from_model_config(model_cfg)
-        self.tokens_per_frame = self.patch.tokens_per_frame(*self.frame_size)
+        self.shapes = rollout_shapes(model_cfg, tokenizer, protocol_cfg, sampling_cfg,
+                                     self.frame_size)
+        self.static = static_for(self.shapes, tokenizer, sampling_cfg)
+        self.patch = self.static.patch
+        self.tokens_per_frame = self.static.tokens_per_frame
         self.merged_grid = self.patch.merged_grid(*self.frame_size)
         self.cache_dtype = cache_dtype
         self.vt = chat.VisionTokens.from_tokenizer(tokenizer)
-        if self.vt.pad != model_cfg.image_token_id:
-            raise ValueError(
-                f"tokenizer's <|image_pad|> id {self.vt.pad} != model config image_token_id "
-                f"{model_cfg.image_token_id}"
-            )
-        if protocol_cfg.max_frames_per_call > protocol_cfg.memory_window:
-            raise ValueError("protocol: max_frames_per_call must not exceed memory_window")
         self.graphdef, params = nnx.split(model)
         self.update_params(params)
-        self.resp_len = self._max_response_len()
-        max_len = int(sampling_cfg.max_len)
-        if max(sampling_cfg.prompt_buckets) > max_len:
-            raise ValueError(f"sampling: largest prompt bucket {max(sampling_cfg.prompt_buckets)}"
-                             f" exceeds max_len {max_len}")
-        ends = [protocol.IM_END, "<|endoftext|>"]
-        defaults = sampler.sampling_config()  # for knobs a hand-built config leaves out
-        self.static = sampler.Static(
-            max_len=max_len,
-            # rows not served by an insert write their padded segment here
-            scratch=max(self.resp_len, 1),
-            window=protocol_cfg.memory_window,
-            tokens_per_frame=self.tokens_per_frame,
-            image_pad_id=self.vt.pad,
-            stop_tool=(_stop_sequence(tokenizer, protocol.TOOL_CALL_END),),
-            stop_end=tuple(_stop_sequence(tokenizer, t) for t in ends),
-            temperature=float(sampling_cfg.temperature),
-            top_k=int(sampling_cfg.top_k),
-            top_p=float(sampling_cfg.top_p),
-            max_new_tokens=int(sampling_cfg.max_new_tokens),
-            max_turn_tokens=int(sampling_cfg.max_turn_tokens),
-            patch=self.patch,
-            serve_fraction=float(sampling_cfg.get("serve_fraction", 0.0)),
-            kv_buckets=int(sampling_cfg.get("insert_kv_buckets", defaults.insert_kv_buckets)),
-            prefill_chunk=int(sampling_cfg.get("prefill_chunk", defaults.prefill_chunk)),
-            vocab_limit=(int(tokenizer.vocab_size)
-                         if sampling_cfg.get("restrict_to_tokenizer_vocab", True) else 0),
-            banned_ids=chat.structural_ids(tokenizer),
-        )
         self.decode_fn, self.insert_fn, self.finish_fn = sampler.compiled(self.static,
                                                                           self.graphdef)
         # wall seconds and calls per phase, accumulated over rollouts (benchmarks read these)
         self.stats = {"decode_s": 0.0, "insert_s": 0.0, "decode_calls": 0, "insert_calls": 0}
+
+    @property
+    def resp_len(self) -> int:
+        """Static length of a tool-response insert in tokens (`environment.max_response_len`;
+        also the cache's scratch slots)."""
+        return self.shapes.response_len
 
     # ----------------------------------------------------------------- params and compile stats
 
@@ -202,11 +226,7 @@ class RolloutEngine:
         """The segment's arrays on device in one transfer (split over the batch on a mesh)."""
         if self.mesh is None:
             return jax.device_put(seg)
-        return distributed.put_rows(seg, sampler.Segment(**{
-            f.name: sharding.batch_sharding(self.mesh, getattr(seg, f.name).ndim,
-                                            1 if f.name == "positions" else 0)
-            for f in dataclasses.fields(seg)
-        }))
+        return distributed.put_rows(seg, shapes_lib.segment_shardings(self.mesh))
 
     def _rows(self, *arrays, row_dims=None):
         """This process's rows of global arrays (all of them with one process)."""
@@ -214,20 +234,9 @@ class RolloutEngine:
         return tuple(distributed.local_rows(a, d) for a, d in zip(arrays, dims))
 
     def _state_shardings(self, batch: int):
-        """NamedShardings of a RolloutState: batch split, rng replicated."""
-        m = self.mesh
-
-        def bs(ndim, dim=0):
-            return sharding.batch_sharding(m, ndim, dim)
-
-        shapes = jax.eval_shape(functools.partial(self._init_state, batch), jax.random.key(0))
-        rep = NamedSharding(m, PartitionSpec())
-        out = jax.tree.map(lambda x: bs(x.ndim) if x.ndim else rep, shapes)
-        return out.replace(
-            cache=jax.tree.map(lambda x: bs(x.ndim, 1), shapes.cache),
-            positions=bs(3, 1),
-            rng=rep,
-        )
+        """NamedShardings of a RolloutState of `batch` rows (`shapes.state_shardings`)."""
+        return shapes_lib.state_shardings(self.mesh, shapes_lib.abstract_state(
+            self.model_cfg, batch, self.static, self.cache_dtype))
 
     def _init_state(self, batch: int, rng):
         return sampler.init_state(
@@ -247,37 +256,6 @@ class RolloutEngine:
         return self._init_fns[batch](rng)
 
     # ----------------------------------------------------------------- host-side segments
-
-    def _max_response_len(self) -> int:
-        """Longest environment response in tokens (the static response-insert length).
-
-        The worst of: a full call's frames (with the duplicates note and the last-turn note) or
-        the longest error message, plus an injected call (forced tool calls) before it, rounded
-        up to a multiple of 8.
-        """
-        m, total = self.pcfg.max_frames_per_call, self.pcfg.total_frames
-        worst = protocol.ToolCall(
-            tuple(total - i for i in range(m)), note="Duplicate frame numbers were ignored."
-        )
-        bad_calls = [
-            '{"name": "select_frames", "arguments": {"target_frames": [100000000]}}',
-            '{"name": "select_frames", "arguments": {"target_frames": '
-            + str(list(range(1, m + 2))) + "}}",
-            '{"name": "' + "x" * 40 + '", "arguments": {}}',
-            "{",
-        ]
-        calls = [worst, protocol.ToolCall((), error=TOOLS_DISABLED)] + [
-            protocol.parse_tool_call(f"<tool_call>{body}</tool_call>", self.pcfg)
-            for body in bad_calls
-        ]
-        longest = max(
-            len(chat.tokenize_segments(
-                self.tok, protocol.tool_response_segments(c, self.pcfg, calls_done=n),
-                self.tokens_per_frame).ids)
-            for c in calls for n in (1, self.pcfg.max_turns)
-        )
-        forced = len(self.tok.encode(protocol.format_tool_call(worst.frames)))
-        return int(math.ceil((longest + forced) / 8) * 8)
 
     def _segment(
         self, pieces: list[chat.Tokenized | None], length: int, n_frames: int,
@@ -315,7 +293,7 @@ class RolloutEngine:
 
     def _check_banks(self, banks: np.ndarray, b: int) -> int:
         """Checks this process's `b` rows of banks; returns the global batch."""
-        want = (b, self.pcfg.total_frames) + self.frame_size + (3,)
+        want = self.shapes.bank_shape(b)
         if tuple(banks.shape) != want or banks.dtype != np.uint8:
             raise ValueError(f"frame banks: got {banks.dtype} {tuple(banks.shape)}, expected "
                              f"uint8 {want}")
@@ -328,18 +306,32 @@ class RolloutEngine:
     def _prefill(self, state, bank, segs_per_row: list[list[protocol.Segment]]):
         toks = [chat.tokenize_segments(self.tok, s, self.tokens_per_frame) for s in segs_per_row]
         # static shapes: the same on every process
-        length = _bucket(distributed.max_over_processes(max(len(t.ids) for t in toks)),
-                         self.scfg.prompt_buckets)
+        length = self.shapes.prompt_bucket(
+            distributed.max_over_processes(max(len(t.ids) for t in toks)))
         n_frames = distributed.max_over_processes(max(len(t.frames) for t in toks))
         if n_frames > self.pcfg.memory_window:
             raise ValueError(f"prompt shows {n_frames} frames, more than memory_window")
         seg = self._segment(toks, length, n_frames, np.zeros(len(toks), np.int32))
+        return self._insert(state, bank, seg), toks
+
+    def _insert(self, state, bank, seg: sampler.Segment):
+        """One compiled insert of a host segment, timed."""
         t0 = time.perf_counter()
         state = self.insert_fn(self.params, state, bank, self._put_segment(seg))
         jax.block_until_ready(state.cache_index)
         self.stats["insert_s"] += time.perf_counter() - t0
         self.stats["insert_calls"] += 1
-        return state, toks
+        return state
+
+    def _decode(self, state):
+        """One compiled decode call (until rows wait for the environment), timed; returns the
+        state and this process's rows of (status, cache_index, next_pos, tokens)."""
+        t0 = time.perf_counter()
+        state = self.decode_fn(self.params, state)
+        rows = self._rows(state.status, state.cache_index, state.next_pos, state.tokens)
+        self.stats["decode_s"] += time.perf_counter() - t0
+        self.stats["decode_calls"] += 1
+        return state, rows
 
     # ----------------------------------------------------------------- one-turn generation
 
@@ -373,6 +365,7 @@ class RolloutEngine:
         tools_enabled: bool = True,
         force_tool_calls: int = 0,
         forced_frames: Callable[[int, int], Sequence[int]] | None = None,
+        environment: env_lib.ToolEnvironment | None = None,
     ) -> list[Trajectory]:
         """Rolls out one trajectory per prompt.
 
@@ -380,133 +373,102 @@ class RolloutEngine:
           prompts: b text prompts.
           banks: uint8 [b, 2 * num_candidates, H, W, 3] candidate frames of both videos.
           rng: a jax key.
-          tools_enabled: False answers every tool call with TOOLS_DISABLED and no frames.
+          tools_enabled: False answers every tool call with `environment.TOOLS_DISABLED` and no
+            frames.
           force_tool_calls: K > 0 makes every row make exactly K tool calls (unless its cache
-            fills): a turn that ends without a call before the K-th gets a canonical call
-            injected (environment text, not in the loss mask), and the first turn end after K
-            calls ends the row.
-          forced_frames: (row, calls_done) -> frames of an injected call (default: consecutive
-            windows over all frames).
+            fills): `environment.ScriptedEnvironment(protocol_cfg, K, forced_frames)`.
+          forced_frames: (row, calls_done) -> frames of an injected call (default:
+            `environment.consecutive_frames`).
+          environment: the environment that answers finished turns, instead of the one the
+            three arguments above describe (which must then be left at their defaults).
         """
+        env = self._environment(environment, tools_enabled, force_tool_calls, forced_frames)
         b = len(prompts)  # this process's rows
         total = self._check_banks(banks, b)
-        if force_tool_calls > self.pcfg.max_tool_calls:
-            raise ValueError(f"force_tool_calls={force_tool_calls} exceeds the protocol's "
-                             f"max_turns - 1 = {self.pcfg.max_tool_calls}")
-        forced_frames = forced_frames or self._forced_frames
         bank = self._batch_put(banks)
-        state = self._new_state(total, rng)
-        state, _ = self._prefill(state, bank, [protocol.prompt_segments(p, self.pcfg)
-                                               for p in prompts])
-
-        turn_start = self._rows(state.cache_index)[0].copy()
-        turns: list[list[str]] = [[] for _ in range(b)]
-        tool_frames: list[list[list[int]]] = [[] for _ in range(b)]
-        tool_errors: list[list[str | None]] = [[] for _ in range(b)]
-        stop = ["" for _ in range(b)]
-        finished = np.zeros(b, bool)
-        while not distributed.all_processes(finished.all()):
-            t0 = time.perf_counter()
-            state = self.decode_fn(self.params, state)
-            status, cache_index, next_pos, tokens = self._rows(
-                state.status, state.cache_index, state.next_pos, state.tokens)
-            self.stats["decode_s"] += time.perf_counter() - t0
-            self.stats["decode_calls"] += 1
-            responses: list[chat.Tokenized | None] = [None] * b
-            newly_finished = np.zeros(b, bool)
-            for i in range(b):
-                if finished[i] or status[i] == sampler.RUNNING:
-                    continue
-                text = self._decode(tokens[i, turn_start[i] : cache_index[i]])
-                turns[i].append(text)
-                calls = len(tool_frames[i])
-                real_call = status[i] == sampler.WAIT_TOOL
-                if force_tool_calls:
-                    inject = not real_call and calls < force_tool_calls
-                    if calls >= force_tool_calls:
-                        real_call = False
-                else:
-                    inject = False
-                end = None
-                if not (real_call or inject):
-                    end = "capped" if status[i] == sampler.CAPPED else "done"
-                elif calls >= self.pcfg.max_tool_calls:
-                    end = "tool_budget"
-                if end is None:
-                    prefix: list[protocol.Segment] = []
-                    if inject:
-                        call_text = protocol.format_tool_call(forced_frames(i, calls))
-                        prefix = [protocol.Text(call_text)]
-                        call = protocol.parse_tool_call(call_text, self.pcfg)
-                    elif tools_enabled:
-                        call = protocol.parse_tool_call(text, self.pcfg)
-                    else:
-                        call = protocol.ToolCall((), error=TOOLS_DISABLED)
-                    segs = prefix + protocol.tool_response_segments(
-                        call, self.pcfg, calls_done=calls + 1
-                    )
-                    piece = chat.tokenize_segments(self.tok, segs, self.tokens_per_frame)
-                    if cache_index[i] + len(piece.ids) + 1 >= self.static.max_len:
-                        end = "capped"
-                    else:
-                        tool_frames[i].append(list(call.frames))
-                        tool_errors[i].append(call.error)
-                        responses[i] = piece
-                if end is not None:
-                    finished[i] = newly_finished[i] = True
-                    stop[i] = end
-            if distributed.any_process(newly_finished.any()):
-                state = self.finish_fn(state, self._batch_put(newly_finished))
+        state, _ = self._prefill(self._new_state(total, rng), bank,
+                                 [protocol.prompt_segments(p, self.pcfg) for p in prompts])
+        logs = [_RowLog(int(s)) for s in self._rows(state.cache_index)[0]]
+        while not distributed.all_processes(all(log.stop for log in logs)):
+            state, (status, cache_index, next_pos, tokens) = self._decode(state)
+            was_running = np.asarray([not log.stop for log in logs])
+            responses = self._serve_turns(env, logs, status, cache_index, tokens)
+            ended = was_running & np.asarray([bool(log.stop) for log in logs])
+            if distributed.any_process(ended.any()):
+                state = self.finish_fn(state, self._batch_put(ended))
             if distributed.any_process(any(r is not None for r in responses)):
                 seg = self._segment(responses, self.resp_len, self.pcfg.max_frames_per_call,
                                     next_pos)
-                t0 = time.perf_counter()
-                state = self.insert_fn(self.params, state, bank,
-                                       self._put_segment(seg))
-                jax.block_until_ready(state.cache_index)
-                self.stats["insert_s"] += time.perf_counter() - t0
-                self.stats["insert_calls"] += 1
-                for i, r in enumerate(responses):
+                state = self._insert(state, bank, seg)
+                for log, r, n in zip(logs, responses, cache_index):
                     if r is not None:
-                        turn_start[i] = cache_index[i] + len(r.ids)
+                        log.turn_start = int(n) + len(r.ids)
             elif not distributed.any_process((status == sampler.RUNNING).any()):
-                finished[:] = True  # nothing runs and nothing was served
-        return self._trajectories(state, turns, tool_frames, tool_errors, stop)
+                break  # nothing runs and nothing was served
+        return self._trajectories(state, logs)
 
-    def _decode(self, ids: np.ndarray) -> str:
+    def _environment(self, env, tools_enabled, force_tool_calls, forced_frames):
+        """The rollout's environment: `env`, or the one the shorthand arguments describe."""
+        if env is not None:
+            if not tools_enabled or force_tool_calls or forced_frames is not None:
+                raise ValueError("rollout: pass either environment or tools_enabled / "
+                                 "force_tool_calls / forced_frames, not both")
+            return env
+        if force_tool_calls:
+            return env_lib.ScriptedEnvironment(self.pcfg, force_tool_calls, forced_frames,
+                                               tools_enabled=tools_enabled)
+        return env_lib.ToolEnvironment(self.pcfg, tools_enabled=tools_enabled)
+
+    def _serve_turns(self, env, logs: list[_RowLog], status, cache_index,
+                     tokens) -> list[chat.Tokenized | None]:
+        """Hands every turn that just ended to the environment; records each reply in the
+        row's log. Returns the tokenised response per row (None: nothing to insert)."""
+        responses: list[chat.Tokenized | None] = [None] * len(logs)
+        for i, log in enumerate(logs):
+            if log.stop or status[i] == sampler.RUNNING:
+                continue
+            text = self._text(tokens[i, log.turn_start: cache_index[i]])
+            log.turns.append(text)
+            reply = env.reply(i, text, _TURN_END[int(status[i])], len(log.tool_frames))
+            if reply.stop is not None:
+                log.stop = reply.stop
+                continue
+            piece = chat.tokenize_segments(self.tok, list(reply.segments), self.tokens_per_frame)
+            # the response and one generated token must fit the cache's real slots
+            if cache_index[i] + len(piece.ids) + 1 >= self.static.max_len:
+                log.stop = "capped"
+                continue
+            log.tool_frames.append(list(reply.call.frames))
+            log.tool_errors.append(reply.call.error)
+            responses[i] = piece
+        return responses
+
+    def _text(self, ids: np.ndarray) -> str:
         """Text of generated ids; ids past the tokenizer's vocabulary (possible only without
         `restrict_to_tokenizer_vocab`) are dropped rather than failing the rollout."""
         vocab = int(self.tok.vocab_size)
         return self.tok.decode([int(i) for i in ids if 0 <= i < vocab])
 
-    def _forced_frames(self, row: int, calls_done: int) -> list[int]:
-        """Deterministic frames for injected calls: consecutive windows over all frames."""
-        m = self.pcfg.max_frames_per_call
-        total = self.pcfg.total_frames
-        return [((calls_done * m + k) % total) + 1 for k in range(m)]
-
-    def _trajectories(self, state, turns, tool_frames, tool_errors, stop) -> list[Trajectory]:
+    def _trajectories(self, state, logs: list[_RowLog]) -> list[Trajectory]:
         tokens, kind, logp, positions, until, n, slot_frame, count = self._rows(
             state.tokens, state.kind, state.logp, state.positions, state.visible_until,
             state.cache_index, state.memory.slot_frame, state.memory.count,
             row_dims=(0, 0, 0, 1, 0, 0, 0, 0))
-        w = self.pcfg.memory_window
         out = []
-        for i in range(len(turns)):
+        for i, log in enumerate(logs):
             k = int(n[i])
             judgments = None
-            reason = stop[i]
+            reason = log.stop
             if reason == "done":
-                judgments = protocol.parse_final_answer(turns[i][-1]) if turns[i] else None
+                judgments = protocol.parse_final_answer(log.turns[-1]) if log.turns else None
                 reason = "answer" if judgments is not None else "no_answer"
-            c = int(count[i])
-            window = [int(slot_frame[i, j % w]) for j in range(max(0, c - w), c)]
             out.append(Trajectory(
                 tokens=tokens[i, :k], kind=kind[i, :k], logp=logp[i, :k],
                 positions=positions[:, i, :k], visible_until=until[i, :k],
                 frames=protocol.initial_frames(self.pcfg)
-                + [f for fr in tool_frames[i] for f in fr],
-                window_frames=window, assistant_turns=turns[i], tool_frames=tool_frames[i],
-                tool_errors=tool_errors[i], judgments=judgments, stop=reason,
+                + [f for fr in log.tool_frames for f in fr],
+                window_frames=memory.window_frames(slot_frame[i], int(count[i])),
+                assistant_turns=log.turns, tool_frames=log.tool_frames,
+                tool_errors=log.tool_errors, judgments=judgments, stop=reason,
             ))
         return out

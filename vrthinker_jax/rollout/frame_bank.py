@@ -6,8 +6,13 @@ Keeping uint8 [frames, H, W, 3] instead of float patches [frames, patches, 1176]
 (14 * 14 * 3) = 32x smaller, which is what lets 2 x 128 candidates at 448 px sit on a chip.
 
 Every frame is one Qwen2.5-VL *image*: the frame repeated over the temporal patch, grid
-(1, H / patch, W / patch). Rollout prefill and training steps both go through `embed_with_frames`
-so the model sees the same inputs in both.
+(1, H / patch, W / patch), encoded by `encode_frames`. The rollout and the learner then put a
+row's frames at the positions where its builder wrote frame tokens (the sampler from its
+segments' frame offsets, the learner from the row's `visual` mask, which is the rollout's
+`sampler.VISUAL` kind), never where a pad id happens to be, through the one merge
+`models.model.merge_visual_at`: the rollout's insert via `embed_with_frames` (all rows' frames
+in one vision-tower chunk), the learner via `train/steps.embed_inputs` (the tower per row, for
+its sharding).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vrthinker_jax.models import model as model_lib
 
 # CLIP normalisation used by the Qwen2-VL processors (after scaling pixels to [0, 1]).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -124,18 +131,18 @@ def encode_frames(model, frames: jax.Array, spec: PatchSpec, constrain=None) -> 
 
 
 def embed_with_frames(
-    model, tokens: jax.Array, frames: jax.Array, spec: PatchSpec, image_pad_id: int
+    model, tokens: jax.Array, frames: jax.Array, spec: PatchSpec, visual: jax.Array
 ) -> jax.Array:
-    """Token embeddings with the frames' visual tokens written into the image-pad positions.
-
-    Shared by the rollout's prefill and every training step, so both build the same inputs.
+    """Token embeddings with the frames' visual tokens merged at the marked positions.
 
     Args:
       model: a `Qwen25VL` (uses `embed` and `encode_vision`).
-      tokens: int32 [b, s]; the i-th run of `tokens_per_frame` image-pad tokens of a row belongs
-        to its i-th frame.
+      tokens: int32 [b, s].
       frames: uint8 [b, f, H, W, 3]; rows with fewer frames than f pad with anything (their
         embeddings are never selected).
+      spec: how frames become patches.
+      visual: bool [b, s], the positions of frame tokens (from how the row was built): the i-th
+        run of `tokens_per_frame` marked positions of a row takes its i-th frame.
     Returns:
       [b, s, hidden] in the model's compute dtype.
     """
@@ -145,8 +152,4 @@ def embed_with_frames(
         return embeds
     per_frame = spec.tokens_per_frame(frames.shape[2], frames.shape[3])
     vis = encode_frames(model, frames.reshape((b * f,) + frames.shape[2:]), spec)
-    vis = vis.reshape(b, f * per_frame, -1).astype(embeds.dtype)
-    is_pad = tokens == image_pad_id
-    which = jnp.clip(jnp.cumsum(is_pad, axis=1) - 1, 0, f * per_frame - 1)
-    gathered = jnp.take_along_axis(vis, which[:, :, None], axis=1)
-    return jnp.where(is_pad[:, :, None], gathered, embeds)
+    return model_lib.merge_visual_at(embeds, visual, vis.reshape(b, f * per_frame, -1))

@@ -109,7 +109,6 @@ class PresetEngine:
         chunk = int(scfg.prefill_chunk) or self.buckets[-1]
         self.static = sampler.Static(
             max_len=max_len, scratch=chunk, window=1, tokens_per_frame=1,
-            image_pad_id=int(self.cfg.image_token_id),
             stop_tool=(stop(release.TOOL_END),),
             stop_end=(stop(release.IM_END), stop("<|endoftext|>")),
             temperature=float(scfg.temperature), top_k=int(scfg.top_k),
@@ -176,7 +175,11 @@ class PresetEngine:
 
     def _suffix(self, inputs: render.ModelInputs, cached: np.ndarray):
         """(start, suffix ids, positions [3, n], next position, visual items in the suffix,
-        visual-token index of each suffix token) for a row whose cache holds `cached`."""
+        bool [n] the suffix's visual tokens) for a row whose cache holds `cached`.
+
+        Visual tokens are found by id here, as the release's processor finds them: the ids are
+        the release's own rendering (its chat template expands each image or video into pads),
+        and the sampler never draws a pad (`chat.structural_ids`)."""
         ids = inputs.input_ids[0].astype(np.int32)
         n = min(len(ids), len(cached))
         diff = np.nonzero(ids[:n] != cached[:n])[0]
@@ -195,8 +198,7 @@ class PresetEngine:
         vid_no = np.cumsum(item_start & ~is_img) - 1 + len(inputs.image_grid_thw)
         item = np.where(visual, np.where(is_img, img_no, vid_no), -1)
         items = sorted({int(i) for i in item[start:] if i >= 0})
-        vis_index = np.where(visual[start:], np.cumsum(visual[start:]) - 1, -1)
-        return start, ids[start:], pos[:, start:], int(nxt), items, vis_index
+        return start, ids[start:], pos[:, start:], int(nxt), items, visual[start:]
 
     def _reprefill(self, state, rows: dict[int, render.ModelInputs], cached: list[np.ndarray],
                    batch: int):
@@ -213,7 +215,7 @@ class PresetEngine:
         nxt = np.zeros(batch, np.int32)
         start = np.zeros(batch, np.int32)
         serve = np.zeros(batch, bool)
-        vis_index = np.full((batch, r), -1, np.int32)
+        is_visual = np.zeros((batch, r), bool)
         t0 = time.perf_counter()
         visual = []
         for i in range(batch):
@@ -223,7 +225,7 @@ class PresetEngine:
             s, ids, pos, nx, items, vi = parts[i]
             n = len(ids)
             tokens[i, :n], positions[:, i, :n], length[i], nxt[i] = ids, pos, n, nx
-            start[i], serve[i], vis_index[i, :n] = s, True, vi
+            start[i], serve[i], is_visual[i, :n] = s, True, vi
             rows_vis = self._visual_rows(rows[i], items)
             visual.append(jnp.pad(rows_vis, ((0, r - rows_vis.shape[0]), (0, 0))))
             self.stats["prefill_tokens"] += n
@@ -233,7 +235,7 @@ class PresetEngine:
                               np.zeros((batch, 1), np.int32), np.zeros(batch, np.int32), serve)
         t0 = time.perf_counter()
         state = self.reprefill_fn(self.params, state, jax.device_put(seg), jnp.asarray(start),
-                                  jnp.stack(visual), jnp.asarray(vis_index))
+                                  jnp.stack(visual), jnp.asarray(is_visual))
         jax.block_until_ready(state.cache_index)
         self.stats["prefill_s"] += time.perf_counter() - t0
         return state

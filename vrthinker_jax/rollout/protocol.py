@@ -20,7 +20,10 @@ token for token. Decisions where the paper's release is open (documented in the 
   out-of-range numbers, too many frames, a wrong tool or unparsable JSON are errors answered with
   a message and no frames.
 
-Nothing here raises on model output: parsers return result objects.
+Nothing here raises on model output: parsers return result objects. Which response a finished
+turn gets (the turn budget, tools off, scripted calls) is decided by the tool environment
+(`environment.py`), which builds it from the texts here; the training-data builder
+(`trace_segments`) re-derives the same responses from the same functions.
 """
 
 from __future__ import annotations

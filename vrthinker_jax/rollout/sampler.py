@@ -9,11 +9,15 @@ Cache layout: slot i of row b holds the i-th token of that row's conversation, s
 doubles as the trajectory record. `max_len` slots are real; `scratch` more at the end absorb the
 writes of rows that are not being served (static shapes mean every row computes every step).
 
-Visibility (README "Protocol decisions", `memory.py`): key slot k is visible to a query at slot q
-iff `written[k]` and `k <= q < visible_until[k]` - the rule training uses
+Visibility (README "Protocol decisions"; the rule is `memory.py`'s): key slot k is visible to a
+query at slot q iff `written[k]` and `k <= q < visible_until[k]` - the rule training uses
 (`memory.attention_mask`). When a response brings frames into the W-slot memory window, the
-frames it pushes out (FIFO over occurrences) get `visible_until` = the slot where that response's
-event starts; their keys stay in the cache, masked.
+frames it pushes out (`memory.window_update`) get `visible_until` = the slot where that
+response's event starts; their keys stay in the cache, masked.
+
+Frames: a segment's frame tokens sit where its builder put them (`Segment.frame_offsets`); the
+insert merges the frames' visual tokens there and marks those slots VISUAL, never by looking for
+pad ids (text may hold one), with the learner's merge (`models.model.merge_visual_at`).
 
 Cost: attention is the part that grows with the cache, so both compiled functions attend over the
 shortest of a few static cache prefixes (`Static.kv_prefixes`, `sampling.insert_kv_buckets`) that
@@ -36,8 +40,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx, struct
 
-from vrthinker_jax.rollout import frame_bank
-from vrthinker_jax.rollout.memory import NEVER
+from vrthinker_jax.models import model as model_lib
+from vrthinker_jax.rollout import frame_bank, memory
 
 # row status
 RUNNING, WAIT_TOOL, DONE, CAPPED = 0, 1, 2, 3
@@ -82,28 +86,6 @@ def sampling_config(**overrides) -> ml_collections.ConfigDict:
 
 
 @struct.dataclass
-class FrameMemory:
-    """The frame-memory window: W slots filled first-in first-out with frame occurrences.
-
-    slot_start: int32 [b, W] cache slot of the first visual token of the frame held in each slot,
-      -1 when empty; slot_frame: int32 [b, W] its global frame number (0 = empty);
-    count: int32 [b] frame occurrences inserted so far (the next one goes to slot count % W).
-    """
-
-    slot_start: jax.Array
-    slot_frame: jax.Array
-    count: jax.Array
-
-    @classmethod
-    def empty(cls, batch: int, window: int) -> FrameMemory:
-        return cls(
-            slot_start=jnp.full((batch, window), -1, jnp.int32),
-            slot_frame=jnp.zeros((batch, window), jnp.int32),
-            count=jnp.zeros((batch,), jnp.int32),
-        )
-
-
-@struct.dataclass
 class RolloutState:
     """All per-row rollout state; S = max_len + scratch slots."""
 
@@ -120,7 +102,7 @@ class RolloutState:
     status: jax.Array  # int32 [b] RUNNING / WAIT_TOOL / DONE / CAPPED
     n_generated: jax.Array  # int32 [b] generated tokens, all turns
     turn_tokens: jax.Array  # int32 [b] generated tokens in the current turn
-    memory: FrameMemory
+    memory: memory.FrameMemory
     rng: jax.Array  # one key (typed)
 
 
@@ -132,8 +114,10 @@ class Segment:
     positions int32 [3, b, R] M-RoPE positions, already offset by each row's next position;
     next_pos int32 [b] text position after the piece; frames int32 [b, F] global frame numbers
     in order of appearance (0 = none); frame_offsets int32 [b, F] offset of each frame's first
-    visual token in the piece; event_offset int32 [b] offset where the environment event starts
-    (frames evicted by this piece are masked from there on); serve bool [b] rows that receive it.
+    visual token in the piece (its `tokens_per_frame` tokens from there are where the insert
+    merges the frame: `segment_visual`); event_offset int32 [b] offset where the environment
+    event starts (frames evicted by this piece are masked from there on); serve bool [b] rows
+    that receive it.
     """
 
     tokens: jax.Array
@@ -154,7 +138,6 @@ class Static:
     scratch: int
     window: int
     tokens_per_frame: int
-    image_pad_id: int
     stop_tool: tuple[tuple[int, ...], ...]  # token sequences that end a turn with a tool call
     stop_end: tuple[tuple[int, ...], ...]  # token sequences that end the conversation
     temperature: float
@@ -168,6 +151,9 @@ class Static:
     kv_buckets: int = 1  # sampling_config.insert_kv_buckets
     prefill_chunk: int = 0  # sampling_config.prefill_chunk
     banned_ids: tuple[int, ...] = ()  # ids never drawn (vision markers and pads)
+    # not read by the compiled functions (frames are placed by position, not by this id);
+    # kept while tests/test_rollout_perf.py still passes it
+    image_pad_id: int = 0
 
     def kv_prefixes(self) -> tuple[int, ...]:
         """Increasing static cache-prefix lengths an insert may attend over (last = size)."""
@@ -190,7 +176,7 @@ def init_state(init_cache, model_cfg, batch: int, st: Static, rng, cache_dtype) 
         cache_index=jnp.zeros((batch,), jnp.int32),
         next_pos=jnp.zeros((batch,), jnp.int32),
         written=jnp.zeros((batch, size), bool),
-        visible_until=jnp.full((batch, size), NEVER, jnp.int32),
+        visible_until=jnp.full((batch, size), memory.NEVER, jnp.int32),
         tokens=jnp.zeros((batch, size), jnp.int32),
         kind=jnp.zeros((batch, size), jnp.int8),
         logp=jnp.zeros((batch, size), jnp.float32),
@@ -199,7 +185,7 @@ def init_state(init_cache, model_cfg, batch: int, st: Static, rng, cache_dtype) 
         status=jnp.full((batch,), DONE, jnp.int32),
         n_generated=jnp.zeros((batch,), jnp.int32),
         turn_tokens=jnp.zeros((batch,), jnp.int32),
-        memory=FrameMemory.empty(batch, st.window),
+        memory=memory.FrameMemory.empty(batch, st.window),
         rng=rng,
     )
 
@@ -253,54 +239,6 @@ def sample_logits(
         filtered = filter_logits(allowed / temperature, top_k, top_p)
         tok = jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
     return tok, jnp.take_along_axis(logp, tok[:, None], -1)[:, 0]
-
-
-# --------------------------------------------------------------------------- memory window
-
-
-def window_update(
-    mem: FrameMemory,
-    visible_until: jax.Array,
-    n_new: jax.Array,
-    new_frames: jax.Array,
-    new_starts: jax.Array,
-    event_slot: jax.Array,
-    tokens_per_frame: int,
-) -> tuple[FrameMemory, jax.Array]:
-    """Puts n_new frames into the FIFO window and masks the frames they push out.
-
-    Args:
-      mem: the window before the event.
-      visible_until: int32 [b, S].
-      n_new: int32 [b] frames this event brings (0 for rows not served or failed calls).
-      new_frames: int32 [b, F] their global numbers; new_starts: int32 [b, F] the cache slot of
-        each one's first visual token (entries >= n_new are ignored).
-      event_slot: int32 [b] slot where the event starts: evicted frames are visible to queries
-        before it only.
-    Returns:
-      (new window, new visible_until). Agrees with `memory.visible_until` (tested).
-    """
-    b, w = mem.slot_start.shape
-    f = new_frames.shape[1]
-    size = visible_until.shape[1]
-    rows = jnp.arange(b)[:, None]
-    j = jnp.arange(f)[None]
-    takes = j < n_new[:, None]  # [b, F]
-    # the j-th new frame takes slot (count + j) % W, which holds the occurrence W frames older:
-    # the oldest visible one, as FIFO requires
-    target = jnp.where(takes, (mem.count[:, None] + j) % w, w)  # w = out of range: dropped
-    evict = jnp.zeros((b, w + 1), bool).at[rows, target].set(True)[:, :w]
-    evict &= mem.slot_start >= 0
-    slots = jnp.arange(size)[None, None]
-    starts = mem.slot_start[:, :, None]
-    in_span = (slots >= starts) & (slots < starts + tokens_per_frame)  # [b, W, S]
-    evicted = jnp.any(in_span & evict[:, :, None], axis=1)
-    visible_until = jnp.where(evicted, event_slot[:, None], visible_until)
-    slot_start = jnp.concatenate([mem.slot_start, jnp.zeros((b, 1), jnp.int32)], 1)
-    slot_start = slot_start.at[rows, target].set(new_starts)[:, :w]
-    slot_frame = jnp.concatenate([mem.slot_frame, jnp.zeros((b, 1), jnp.int32)], 1)
-    slot_frame = slot_frame.at[rows, target].set(new_frames)[:, :w]
-    return FrameMemory(slot_start, slot_frame, mem.count + n_new), visible_until
 
 
 # --------------------------------------------------------------------------- decode loop
@@ -468,10 +406,10 @@ def insert(graphdef, params, state: RolloutState, bank: jax.Array, seg: Segment,
     """Appends a context segment (prompt or environment response) to the served rows.
 
     Frames are gathered from the bank (uint8 [b, total, H, W, 3]), encoded by the vision tower in
-    one chunk of b * F images, written into the image-pad positions, and the segment is prefilled
-    into the cache at each served row's `cache_index`, `prefill_chunk` tokens at a time
-    (`_prefill_chunks`: padding chunks are skipped). Served rows become RUNNING with the
-    segment's last logits as their next-token logits.
+    one chunk of b * F images, merged at the segment's frame positions (`segment_visual`), and
+    the segment is prefilled into the cache at each served row's `cache_index`, `prefill_chunk`
+    tokens at a time (`_prefill_chunks`: padding chunks are skipped). Served rows become
+    RUNNING with the segment's last logits as their next-token logits.
     """
     model = nnx.merge(graphdef, params)
     serve = seg.serve
@@ -481,24 +419,35 @@ def insert(graphdef, params, state: RolloutState, bank: jax.Array, seg: Segment,
     # 1) memory window: the new frames take the oldest slots; the frames they evict are masked
     # for every query from the event start on
     n_new = jnp.where(serve, jnp.sum(seg.frames > 0, axis=1), 0)
-    memory, visible_until = window_update(
+    window, visible_until = memory.window_update(
         state.memory, state.visible_until, n_new, seg.frames, start[:, None] + seg.frame_offsets,
         start + seg.event_offset, st.tokens_per_frame,
     )
 
-    # 2) embeddings: text embeddings with the frames' visual tokens at the image-pad positions
+    # 2) embeddings: text embeddings with the frames' visual tokens where the segment put them
+    visual = segment_visual(seg, st.tokens_per_frame)
     pixels = frame_bank.gather_frames(bank, seg.frames)  # [b, F, H, W, 3]
-    embeds = frame_bank.embed_with_frames(model, seg.tokens, pixels, st.patch, st.image_pad_id)
+    embeds = frame_bank.embed_with_frames(model, seg.tokens, pixels, st.patch, visual)
 
-    return _write_segment(graphdef, params, model, state, seg, embeds, start, length,
-                          visible_until, st).replace(memory=memory)
+    return _write_segment(graphdef, params, model, state, seg, embeds, visual, start, length,
+                          visible_until, st).replace(memory=window)
 
 
-def _write_segment(graphdef, params, model, state: RolloutState, seg: Segment, embeds, start,
-                   length, visible_until, st: Static) -> RolloutState:
+def segment_visual(seg: Segment, tokens_per_frame: int) -> jax.Array:
+    """bool [b, R]: the segment's frame tokens, `tokens_per_frame` from each real frame's
+    offset (frames = 0 are padding)."""
+    rel = jnp.arange(seg.tokens.shape[1])[None, None]  # [1, 1, R]
+    off = seg.frame_offsets[:, :, None]  # [b, F, 1]
+    span = (rel >= off) & (rel < off + tokens_per_frame) & (seg.frames > 0)[:, :, None]
+    return jnp.any(span, axis=1)
+
+
+def _write_segment(graphdef, params, model, state: RolloutState, seg: Segment, embeds, visual,
+                   start, length, visible_until, st: Static) -> RolloutState:
     """Prefills `embeds` [b, R, hidden] into the cache at slots start..start+length of each
     served row (`prefill_chunk` queries at a time) and records the segment in the sequence
-    buffers; served rows become RUNNING with the segment's last logits."""
+    buffers (`visual` bool [b, R]: the frame tokens, recorded as VISUAL); served rows become
+    RUNNING with the segment's last logits."""
     b, r = seg.tokens.shape
     serve = seg.serve
     slots = jnp.arange(st.size)[None]
@@ -514,8 +463,7 @@ def _write_segment(graphdef, params, model, state: RolloutState, seg: Segment, e
     # record the segment in the sequence buffers (padding entries land in the last slot)
     rows = jnp.arange(b)[:, None]
     wslot = jnp.where(real, q_slot, st.size - 1)
-    is_pad = seg.tokens == st.image_pad_id
-    kind = jnp.where(real, jnp.where(is_pad, VISUAL, CONTEXT), EMPTY).astype(jnp.int8)
+    kind = jnp.where(real, jnp.where(visual, VISUAL, CONTEXT), EMPTY).astype(jnp.int8)
     return state.replace(
         cache=cache,
         cache_index=jnp.where(serve, start + length, state.cache_index),
@@ -533,14 +481,14 @@ def _write_segment(graphdef, params, model, state: RolloutState, seg: Segment, e
 
 
 def reprefill(graphdef, params, state: RolloutState, seg: Segment, start: jax.Array,
-              visual: jax.Array, visual_index: jax.Array, st: Static) -> RolloutState:
+              visual: jax.Array, is_visual: jax.Array, st: Static) -> RolloutState:
     """Truncates each served row to `start` and prefills a segment there: the release's memory
     rule removes tokens mid-sequence, so the prompt after the first changed token is prefilled
     again while the cache before it is kept.
 
     start int32 [b] (served rows: the first slot that changes, <= cache_index); visual [b, V,
-    hidden] the segment's visual-token embeddings, computed by the vision tower outside;
-    visual_index int32 [b, R] the row of `visual` each segment token takes (-1 = text token).
+    hidden] the segment's visual-token embeddings, computed by the vision tower outside, in
+    order; is_visual bool [b, R] the segment's visual tokens (the i-th takes visual[:, i]).
     Keys at or after `start` stop being visible (their slots are rewritten or unwritten).
 
     Rows not served must be finished (DONE): they compute the padded segment too (static
@@ -557,11 +505,8 @@ def reprefill(graphdef, params, state: RolloutState, seg: Segment, start: jax.Ar
     length = jnp.where(serve, seg.length, 0)
     keep = ~serve[:, None] | (slots < start[:, None]) | (slots >= st.max_len)
     state = state.replace(written=state.written & keep)
-    text = model.embed(seg.tokens)
-    rows = jnp.arange(seg.tokens.shape[0])[:, None]
-    vis = visual.astype(text.dtype)[rows, jnp.maximum(visual_index, 0)]
-    embeds = jnp.where((visual_index >= 0)[..., None], vis, text)
-    return _write_segment(graphdef, params, model, state, seg, embeds, start, length,
+    embeds = model_lib.merge_visual_at(model.embed(seg.tokens), is_visual, visual)
+    return _write_segment(graphdef, params, model, state, seg, embeds, is_visual, start, length,
                           state.visible_until, st)
 
 
@@ -587,5 +532,5 @@ def compiled(st: Static, graphdef):
 
 @functools.cache
 def compiled_reprefill(st: Static, graphdef):
-    """The jitted reprefill(params, state, seg, start, visual, visual_index) (state donated)."""
+    """The jitted reprefill(params, state, seg, start, visual, is_visual) (state donated)."""
     return jax.jit(functools.partial(reprefill, graphdef, st=st), donate_argnums=(1,))

@@ -16,13 +16,20 @@ and lowers + compiles for that topology:
 * the rollout decode: the engine's compiled `sampler.decode` (XLA's cost analysis counts its
   while-loop body once, i.e. one token for every row).
 
+The rollout programs take the engine's own static shapes and state layout
+(`vrthinker_jax/rollout/shapes.py`) at the stage's rows per engine call
+(`shapes.rows_per_call`: GRPO grpo.rollout_batch, or prompts_per_step x group_size; RFT
+data.batch_size // samples_per_prompt prompts x samples_per_prompt). The tool-response length
+is measured with the config's `tokenizer` when it names one, else estimated.
+
 For each it reports XLA's per-chip memory (arguments, temporaries, total vs the chip's HBM), the
 compiled FLOPs against an analytic count, and a roofline step time and MFU from the chip's peak
 bf16 FLOP/s and HBM bandwidth (a lower bound on time / upper bound on MFU: no communication, no
 overlap losses). Nothing is installed at run time.
 
 Exit status: 0 every program fits in HBM_BUDGET of a chip's HBM; 3 something does not (the plan
-says which knob to turn); 1 libtpu is not installed; 2 bad input (topology, config, override).
+says which knob to turn; one line when XLA itself finds a program too large for HBM); 1 libtpu
+is not installed; 2 bad input (topology, config, override).
 `--only learner,decode` compiles a subset (each 7B compile takes minutes on a small CPU).
 
 The eval rollout of a published checkpoint on small runtimes (Colab's v2-8, v5e-1, v6e-1):
@@ -51,6 +58,9 @@ import os
 import sys
 import time
 
+from absl import flags
+from ml_collections import config_flags
+
 from vrthinker_jax import cli
 
 GIB = 1024**3
@@ -71,16 +81,12 @@ class Chip:
     devices_per_chip: int = 1
 
     @property
-    def device_hbm_bytes(self) -> int:
-        return self.hbm_bytes // self.devices_per_chip
-
-    @property
-    def device_peak_flops(self) -> float:
-        return self.peak_flops / self.devices_per_chip
-
-    @property
-    def device_hbm_bw(self) -> float:
-        return self.hbm_bw / self.devices_per_chip
+    def device(self) -> Chip:
+        """One JAX device's share of the chip: its HBM, FLOP/s and bandwidth split evenly over
+        devices_per_chip (what every per-device number of a plan is measured against)."""
+        d = self.devices_per_chip
+        return Chip(f"{self.name} device", self.hbm_bytes // d, self.peak_flops / d,
+                    self.hbm_bw / d)
 
 
 # Per-chip numbers from Google Cloud's TPU system-architecture pages:
@@ -158,6 +164,10 @@ HBM_BUDGET = 0.85
 
 class PlanError(ValueError):
     """A bad planner input (unknown topology, config path, override)."""
+
+
+class DoesNotFit(PlanError):
+    """XLA could not fit a program in a chip's HBM (the CLI exits 3, as for a plan over budget)."""
 
 
 def get_topology(name: str) -> Topology:
@@ -431,34 +441,47 @@ def suggestions(plans: list[StepPlan], ctx: dict) -> list[str]:
         need = max(2, 2 ** math.ceil(math.log2(over)))
         head = f"{p.name} needs {_gib(p.total_bytes)} GiB/chip, {over:.1f}x the " \
                f"{int(HBM_BUDGET * 100)}% budget:"
-        if p.name.startswith("learner"):
-            tips = []
-            if not ctx.get("remat"):
-                tips.append("set model.remat=True (recompute blocks in the backward pass)")
-            accum = ctx.get("accum", 1)
-            max_accum = ctx.get("max_accum", accum * need)  # micro-batch >= the batch shards
-            if p.temp_bytes > p.argument_bytes and accum < max_accum:
-                tips.append(f"cut the learner micro-batch (--set optimizer.accum_steps="
-                            f"{min(accum * need, max_accum)}: activations scale with it)")
-            if p.argument_bytes > 0.3 * p.hbm_bytes:
-                tips.append("shard the state over more chips (mesh.ici.fsdp; keep "
-                            "data=1) or keep Adam moments in bf16 (optimizer.state_dtype=param)")
-            chunk = ctx.get("attn_chunk")
-            if chunk is None:
-                tips.append("the dense [seq, seq] attention scores dominate long rows: the "
-                            "model needs query-chunked (or splash) attention")
-            elif not chunk:
-                tips.append("chunk the attention scores (--set model.attn_query_chunk=2048)")
-            if not ctx.get("lm_head_chunk"):
-                tips.append("project the loss's logits in chunks (--set "
-                            "model.lm_head_chunk=2048)")
-            out.append(head + " " + "; ".join(tips))
-        else:
-            rows = ctx.get("rollout_batch") or 0
-            out.append(head + f" roll out fewer rows per engine call (--set grpo.rollout_batch="
-                       f"{max(1, rows // need)}), a bf16 KV cache (--set sampling.cache_dtype="
-                       "bfloat16), or more chips on the batch axes")
+        tips = _learner_tips(p, ctx, need) if p.name.startswith("learner") else [
+            _rollout_tip(ctx, need)]
+        out.append(head + " " + "; ".join(tips))
     return out
+
+
+def _learner_tips(p: StepPlan, ctx: dict, need: int) -> list[str]:
+    """What cuts a learner step that is `need` x too large."""
+    tips = []
+    if not ctx.get("remat"):
+        tips.append("set model.remat=True (recompute blocks in the backward pass)")
+    accum = ctx.get("accum", 1)
+    max_accum = ctx.get("max_accum", accum * need)  # micro-batch >= the batch shards
+    if p.temp_bytes > p.argument_bytes and accum < max_accum:
+        tips.append(f"cut the learner micro-batch (--set optimizer.accum_steps="
+                    f"{min(accum * need, max_accum)}: activations scale with it)")
+    if p.argument_bytes > 0.3 * p.hbm_bytes:
+        tips.append("shard the state over more chips (mesh.ici.fsdp; keep "
+                    "data=1) or keep Adam moments in bf16 (optimizer.state_dtype=param)")
+    chunk = ctx.get("attn_chunk")
+    if chunk is None:
+        tips.append("the dense [seq, seq] attention scores dominate long rows: the "
+                    "model needs query-chunked (or splash) attention")
+    elif not chunk:
+        tips.append("chunk the attention scores (--set model.attn_query_chunk=2048)")
+    if not ctx.get("lm_head_chunk"):
+        tips.append("project the loss's logits in chunks (--set model.lm_head_chunk=2048)")
+    return tips
+
+
+def _rollout_tip(ctx: dict, need: int) -> str:
+    """What cuts a rollout program that is `need` x too large: fewer rows per engine call
+    (GRPO: grpo.rollout_batch; RFT: data.batch_size, whole prompts of samples_per_prompt)."""
+    fewer = max(1, (ctx.get("rollout_batch") or 0) // need)
+    if ctx.get("stage") == "rft":
+        k = ctx.get("samples_per_prompt", 1)
+        knob = f"data.batch_size={max(k, fewer // k * k)}"
+    else:
+        knob = f"grpo.rollout_batch={fewer}"
+    return (f"roll out fewer rows per engine call (--set {knob}), a bf16 KV cache (--set "
+            "sampling.cache_dtype=bfloat16), or more chips on the batch axes")
 
 
 def render_markdown(header: dict, plans: list[StepPlan], tips: list[str]) -> str:
@@ -479,19 +502,25 @@ def render_markdown(header: dict, plans: list[StepPlan], tips: list[str]) -> str
 
 
 def load_config(spec: str):
-    """'path/to/config.py:arg' -> the ConfigDict its `get_config(arg)` returns."""
-    path, _, arg = spec.partition(":")
+    """'path/to/config.py[:arg]' -> the ConfigDict its `get_config(arg)` returns, loaded by
+    ml_collections' config-file parser as `experiments/train.py --config` loads it. Stage
+    configs import `experiments.configs`: run from the repository root (as every command in
+    the README is)."""
+    path = spec.partition(":")[0]
     if not os.path.isfile(path):
         raise PlanError(f"--config: no such file {path!r}")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
-    if root not in sys.path:  # experiments/configs/x.py imports `experiments.configs.common`
-        sys.path.insert(0, root)
-    mod_spec = importlib.util.spec_from_file_location("_plan_config", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise PlanError(f"--config: {path} has no get_config()")
-    return module.get_config(arg) if arg else module.get_config()
+    fv = flags.FlagValues()  # the planner's own: its CLI is argparse, not absl's
+    config_flags.DEFINE_config_file("config", None, "stage config file[:size]", flag_values=fv)
+    try:
+        fv(["plan", f"--config={spec}"])
+        return fv.config
+    except ImportError as e:
+        raise PlanError(f"--config {spec}: {e} (run from the repository root)") from None
+    except (flags.Error, AttributeError) as e:
+        while e.__cause__ is not None or e.__context__ is not None:
+            e = e.__cause__ or e.__context__  # the config file's own error, not the wrapper
+        lines = [x for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+        raise PlanError(f"--config {spec}: {lines[-1].strip()}") from None
 
 
 def apply_overrides(cfg, overrides: list[str]):
@@ -548,8 +577,8 @@ def _with_shardings(tree, shardings):
 _OOM_TIPS = {
     "learner": "raise optimizer.accum_steps (a smaller micro-batch), set model.remat=True, or "
                "shard over more chips",
-    "rollout": "lower grpo.rollout_batch (rows per engine call), set "
-               "sampling.cache_dtype=bfloat16, or shard over more chips",
+    "rollout": "lower grpo.rollout_batch (GRPO) or data.batch_size (RFT), the rows per engine "
+               "call, set sampling.cache_dtype=bfloat16, or shard over more chips",
 }
 
 
@@ -563,7 +592,7 @@ def compile_or_explain(lowered, name: str, kind: str):
         if "RESOURCE_EXHAUSTED" not in msg:
             raise
         detail = msg.split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
-        raise PlanError(f"{name} does not fit: {detail} - {_OOM_TIPS[kind]}") from None
+        raise DoesNotFit(f"{name} does not fit: {detail} - {_OOM_TIPS[kind]}") from None
 
 
 def _stats(compiled) -> tuple[dict, dict]:
@@ -596,10 +625,10 @@ def _step_plan(name, shape, compiled, analytic: dict, chip: Chip, n_chips: int, 
     return StepPlan(
         name=name, shape=shape, argument_bytes=m["argument"], output_bytes=m["output"],
         alias_bytes=m["alias"], temp_bytes=m["temp"], code_bytes=m["generated_code"],
-        hbm_bytes=chip.device_hbm_bytes, flops_compiled=float(cost.get("flops", 0.0)),
+        hbm_bytes=chip.device.hbm_bytes, flops_compiled=float(cost.get("flops", 0.0)),
         flops_analytic=analytic["expected"] / n_chips, flops_model=analytic["model"] / n_chips,
         bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-        peak_flops=chip.device_peak_flops, hbm_bw=chip.device_hbm_bw,
+        peak_flops=chip.device.peak_flops, hbm_bw=chip.device.hbm_bw,
         compile_s=time.perf_counter() - t0, note=note,
     )
 
@@ -669,135 +698,143 @@ def plan_learner(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int) -> S
                       train_flops(mcfg, **kw), chip, n_chips, t0, counted=counted)
 
 
-def rollout_static(cfg, *, scratch: int):
-    """The sampler's static settings for the config (stop sequences are placeholders: they only
-    change which token ids are compared, not shapes or cost). The insert is planned as one pass
-    over the segment attending the whole cache (`sampling.prefill_chunk=0`, as the 3b/7b configs
-    ship; `insert_kv_buckets` prefixes only ever read less)."""
-    from vrthinker_jax.rollout import frame_bank, sampler
-
-    mcfg, sc = cfg.model, cfg.sampling
-    patch = frame_bank.PatchSpec.from_model_config(mcfg)
-    h, w = (int(x) for x in cfg.data.frame_size)
-    return sampler.Static(
-        max_len=int(sc.max_len), scratch=int(scratch), window=int(cfg.protocol.memory_window),
-        tokens_per_frame=patch.tokens_per_frame(h, w), image_pad_id=int(mcfg.image_token_id),
-        stop_tool=((1,),), stop_end=((2,), (3,)), temperature=float(sc.temperature),
-        top_k=int(sc.top_k), top_p=float(sc.top_p), max_new_tokens=int(sc.max_new_tokens),
-        max_turn_tokens=int(sc.max_turn_tokens), patch=patch,
-    )
+# stop sequences the plan compiles with: the tokenizer's ids only change which ids are compared
+PLAN_STOPS = dict(stop_tool=((1,),), stop_end=((2,), (3,)))
 
 
-def response_len_estimate(cfg, tokens_per_frame: int) -> int:
-    """Static length of a tool-response insert (the engine measures it with the tokenizer): a
-    full call's frames, each with its vision markers and a short caption, plus the response text.
-    Only the rollout's scratch slots depend on it."""
-    m = int(cfg.protocol.max_frames_per_call)
+def response_len_estimate(pcfg, tokens_per_frame: int) -> int:
+    """An estimate of the static tool-response length when no tokenizer is at hand (the engine
+    measures it: `environment.max_response_len`): a full call's frames, each with its vision
+    markers and a short caption, plus the response text. Only the rollout's scratch slots and
+    the response insert depend on it."""
+    m = int(pcfg.max_frames_per_call)
     return int(math.ceil((m * (tokens_per_frame + 16) + 256) / 16) * 16)
 
 
+def rollout_shapes(cfg, tokenizer=None):
+    """The engine's static shapes for a stage config: what `RolloutEngine` derives from the
+    configs the trainers give it (`engine.rollout_shapes`). With a tokenizer the tool-response
+    length is measured as the engine measures it; without, `response_len_estimate`."""
+    from vrthinker_jax.rollout import engine, protocol, shapes
+
+    pcfg = protocol.ProtocolConfig.from_configdict(cfg.protocol)
+    frame_size = tuple(cfg.data.frame_size)
+    try:
+        if tokenizer is not None:
+            return engine.rollout_shapes(cfg.model, tokenizer, pcfg, cfg.sampling, frame_size)
+        n = response_len_estimate(pcfg, shapes.tokens_per_frame(cfg.model, frame_size))
+        return shapes.rollout_shapes(cfg.model, pcfg, cfg.sampling, frame_size, response_len=n)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+
+
+def rollout_static(cfg, sh):
+    """The sampler settings the plan compiles for shapes `sh`: the engine's
+    (`shapes.sampler_static`) with placeholder stop sequences, and the insert as one pass over
+    the segment attending the whole cache (prefill_chunk=0, as the 3b/7b configs ship;
+    insert_kv_buckets=1: its shorter prefixes only ever read less), the most it can take."""
+    from vrthinker_jax.rollout import shapes
+
+    st = shapes.sampler_static(sh, cfg.sampling, **PLAN_STOPS)
+    return dataclasses.replace(st, kv_buckets=1, prefill_chunk=0)
+
+
 def rollout_state_args(mesh, model_cfg, st, abs_params, batch: int, cache_dtype):
-    """(params, state) ShapeDtypeStructs laid out as the engine lays them out: every state array
-    split over the batch axes (the cache and positions at dim 1; the cache is not split over
-    kv heads), the key replicated; params by their logical axes."""
-    import functools
-
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
+    """(params, state) ShapeDtypeStructs laid out as the engine lays them out: the state
+    `shapes.state_shardings` (rows over the batch axes), params by their logical axes."""
     from vrthinker_jax import sharding
-    from vrthinker_jax.models import model as model_lib
-    from vrthinker_jax.rollout import sampler
+    from vrthinker_jax.rollout import shapes
 
-    abs_st = jax.eval_shape(
-        lambda k: sampler.init_state(model_lib.init_cache, model_cfg, batch, st, k, cache_dtype),
-        jax.random.key(0))
-    rep = NamedSharding(mesh, PartitionSpec())
-
-    def bs(x, dim=0):
-        return sharding.batch_sharding(mesh, x.ndim, dim) if x.ndim else rep
-
-    st_sh = jax.tree.map(bs, abs_st)
-    st_sh = st_sh.replace(cache=jax.tree.map(functools.partial(bs, dim=1), abs_st.cache),
-                          positions=bs(abs_st.positions, 1), rng=rep)
+    abs_st = shapes.abstract_state(model_cfg, batch, st, cache_dtype)
     return (_with_shardings(abs_params, sharding.state_shardings(abs_params, mesh)),
-            _with_shardings(abs_st, st_sh))
+            _with_shardings(abs_st, shapes.state_shardings(mesh, abs_st)))
 
 
 def insert_args(mesh, *, batch: int, seg_len: int, frames: int, frame_size, bank_frames: int):
     """(bank, segment) ShapeDtypeStructs of one `sampler.insert` call: a uint8 frame bank
-    [batch, bank_frames, H, W, 3] and a segment of seg_len tokens with `frames` frames per row,
-    split over the batch axes."""
+    [batch, bank_frames, H, W, 3] and a segment of seg_len tokens with `frames` frames per row
+    (`shapes.abstract_segment`), split over the batch axes as the engine splits them."""
     import jax
     import jax.numpy as jnp
 
     from vrthinker_jax import sharding
-    from vrthinker_jax.rollout import sampler
+    from vrthinker_jax.rollout import shapes
 
-    b, r, nf = batch, seg_len, frames
     h, w = (int(x) for x in frame_size)
-    sds = jax.ShapeDtypeStruct
-
-    def arr(shape, dtype, dim=0):
-        return sds(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), dim))
-
-    seg = sampler.Segment(
-        tokens=arr((b, r), jnp.int32), length=arr((b,), jnp.int32),
-        positions=arr((3, b, r), jnp.int32, 1), next_pos=arr((b,), jnp.int32),
-        frames=arr((b, nf), jnp.int32), frame_offsets=arr((b, nf), jnp.int32),
-        event_offset=arr((b,), jnp.int32), serve=arr((b,), jnp.bool_),
-    )
-    return arr((b, bank_frames, h, w, 3), jnp.uint8), seg
+    bank = jax.ShapeDtypeStruct((batch, bank_frames, h, w, 3), jnp.uint8,
+                                sharding=sharding.batch_sharding(mesh, 5))
+    seg = _with_shardings(shapes.abstract_segment(batch, seg_len, frames),
+                          shapes.segment_shardings(mesh))
+    return bank, seg
 
 
-def plan_rollout(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int,
-                 cache_dtype, programs=("prefill", "decode")) -> list[StepPlan]:
-    import jax.numpy as jnp
+def rows_per_call(cfg) -> int:
+    """Global rows of one rollout-engine call of the stage (`shapes.rows_per_call`)."""
+    from vrthinker_jax.rollout import shapes
 
+    try:
+        return shapes.rows_per_call(cfg)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+
+
+@dataclasses.dataclass
+class RolloutPrograms:
+    """The abstract arguments of the engine's programs for a stage config, as the engine calls
+    them: `rows` rows of `shapes` (`static` compiled); params / state / bank / seg are sharded
+    ShapeDtypeStructs (the prompt insert: the largest prompt bucket, the initial frames)."""
+
+    rows: int
+    shapes: object  # shapes.RolloutShapes
+    static: object  # sampler.Static
+    params: object
+    state: object
+    bank: object
+    seg: object
+    measured: bool  # the response length was measured with a tokenizer (else estimated)
+
+
+def rollout_programs(cfg, mesh, abs_params, cache_dtype, tokenizer=None) -> RolloutPrograms:
+    """What `plan_rollout` compiles; cfg.model must be a resolved model config."""
     from vrthinker_jax import sharding
-    from vrthinker_jax.rollout import sampler
 
-    mcfg, pc = cfg.model, cfg.protocol
-    b = rollout_batch(cfg)
+    b = rows_per_call(cfg)
     multiple = sharding.batch_size_multiple(mesh)
     if b % multiple:
         raise PlanError(f"rollout batch {b} is not a multiple of the mesh's batch axes "
                         f"({multiple})")
-    h, w = (int(x) for x in cfg.data.frame_size)
-    tpf = sampler.frame_bank.PatchSpec.from_model_config(mcfg).tokens_per_frame(h, w)
-    st = rollout_static(cfg, scratch=response_len_estimate(cfg, tpf))
-    dec, ins, _ = sampler.compiled(st, graphdef)
-    params, state = rollout_state_args(mesh, mcfg, st, abs_params, b, cache_dtype)
-    total = 2 * int(pc.num_candidates)
-    r = max(int(x) for x in cfg.sampling.prompt_buckets)
-    nf = 2 * int(pc.num_initial_frames)
-    bank, seg = insert_args(mesh, batch=b, seg_len=r, frames=nf, frame_size=(h, w),
-                            bank_frames=total)
-    kv = st.size
-    cache_gib = kv_cache_bytes(mcfg, batch=b, slots=kv,
-                               dtype_bytes=jnp.dtype(cache_dtype).itemsize) / GIB
+    sh = rollout_shapes(cfg, tokenizer)
+    st = rollout_static(cfg, sh)
+    params, state = rollout_state_args(mesh, cfg.model, st, abs_params, b, cache_dtype)
+    bank, seg = insert_args(mesh, batch=b, seg_len=sh.prompt_buckets[-1],
+                            frames=sh.prompt_frames, frame_size=sh.frame_size,
+                            bank_frames=sh.bank_frames)
+    return RolloutPrograms(b, sh, st, params, state, bank, seg, tokenizer is not None)
+
+
+def plan_rollout(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int, cache_dtype,
+                 programs=("prefill", "decode"), tokenizer=None) -> list[StepPlan]:
+    """Compiles the engine's prompt insert ('prefill') and decode loop ('decode') at the
+    stage's rows per engine call (`rollout_programs`)."""
+    import jax.numpy as jnp
+
+    from vrthinker_jax.rollout import sampler
+
+    p = rollout_programs(cfg, mesh, abs_params, cache_dtype, tokenizer)
+    dec, ins, _ = sampler.compiled(p.static, graphdef)
     out = []
-    pkw = dict(batch=b, seg_len=r, kv_len=kv, frames=nf, frame_size=(h, w))
     if "prefill" in programs:
-        trips = attention_trips(mcfg, r)
         t0 = time.perf_counter()
-        c_ins = compile_or_explain(ins.lower(params, state, bank, seg), "rollout prefill",
-                                   "rollout")
-        out.append(_step_plan(
-            "rollout prefill", f"{b} x {r} tok, {nf} frames; KV {kv}", c_ins,
-            prefill_flops(mcfg, **pkw), chip, n_chips, t0,
-            counted=(prefill_flops(mcfg, layers=1 if mcfg.scan_layers else None,
-                                   attn_trips=trips, **pkw)
-                     if mcfg.scan_layers or trips > 1 else None),
-            note=f"engine's compiled sampler.insert (prompt bucket {r}); KV cache "
-                 f"{cache_gib:.1f} GiB in all, {jnp.dtype(cache_dtype).name}; frame banks "
-                 f"{b * total * h * w * 3 / GIB:.1f} GiB in all",
-        ))
+        compiled = compile_or_explain(ins.lower(p.params, p.state, p.bank, p.seg),
+                                      "rollout prefill", "rollout")
+        out.append(_prefill_plan(cfg.model, p, compiled, chip, n_chips, t0,
+                                 jnp.dtype(cache_dtype)))
     if "decode" in programs:
+        b, kv, mcfg = p.rows, p.shapes.cache_slots, cfg.model
         t0 = time.perf_counter()
-        c_dec = compile_or_explain(dec.lower(params, state), "rollout decode", "rollout")
+        compiled = compile_or_explain(dec.lower(p.params, p.state), "rollout decode", "rollout")
         out.append(_step_plan(
-            "rollout decode", f"{b} rows x 1 tok; KV {kv}", c_dec,
+            "rollout decode", f"{b} rows x 1 tok; KV {kv}", compiled,
             decode_flops(mcfg, batch=b, kv_len=kv), chip, n_chips, t0,
             note="engine's compiled sampler.decode (a while loop; XLA counts its body once = "
                  "one token per row)",
@@ -806,18 +843,48 @@ def plan_rollout(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int,
     return out
 
 
-def rollout_batch(cfg) -> int:
-    """Rows per engine call: `grpo.rollout_batch` when the config sets it (the trainer then rolls
-    out the P x G rows in several calls), else all P x G rows at once."""
-    if cfg.get("stage") == "grpo":
-        rows = int(cfg.grpo.prompts_per_step) * int(cfg.grpo.group_size)
-        return int(cfg.grpo.get("rollout_batch") or rows)
-    if cfg.get("stage") == "rft":
-        return int(cfg.data.batch_size) * int(cfg.get("samples_per_prompt", 1))
-    return 0
+def _prefill_plan(mcfg, p: RolloutPrograms, compiled, chip: Chip, n_chips: int, t0: float,
+                  cache_dtype) -> StepPlan:
+    """The StepPlan of the compiled prompt insert of `p`."""
+    sh, b = p.shapes, p.rows
+    r, nf, kv, (h, w) = sh.prompt_buckets[-1], sh.prompt_frames, sh.cache_slots, sh.frame_size
+    cache_gib = kv_cache_bytes(mcfg, batch=b, slots=kv,
+                               dtype_bytes=cache_dtype.itemsize) / GIB
+    pkw = dict(batch=b, seg_len=r, kv_len=kv, frames=nf, frame_size=(h, w))
+    trips = attention_trips(mcfg, r)
+    how = ("measured with the tokenizer" if p.measured
+           else "estimated; --set tokenizer=PATH measures it")
+    return _step_plan(
+        "rollout prefill", f"{b} x {r} tok, {nf} frames; KV {kv}", compiled,
+        prefill_flops(mcfg, **pkw), chip, n_chips, t0,
+        counted=(prefill_flops(mcfg, layers=1 if mcfg.scan_layers else None, attn_trips=trips,
+                               **pkw)
+                 if mcfg.scan_layers or trips > 1 else None),
+        note=f"engine's compiled sampler.insert (prompt bucket {r}); KV cache "
+             f"{cache_gib:.1f} GiB in all, {cache_dtype.name}; frame banks "
+             f"{b * sh.bank_frames * h * w * 3 / GIB:.1f} GiB in all; tool responses "
+             f"{sh.response_len} tokens ({how})",
+    )
 
 
 PROGRAMS = ("learner", "prefill", "decode")
+
+
+def plan_tokenizer(cfg):
+    """The stage's tokenizer (`cfg.tokenizer`, as training loads it, with the model's vision
+    token ids aligned to it), or None when the config names none: the plan then estimates the
+    tool-response length."""
+    if not cfg.get("tokenizer"):
+        return None
+    from data_pipelines.tokenizer import load_tokenizer
+    from vrthinker_jax.train import runtime
+
+    try:
+        tok = load_tokenizer(cfg.tokenizer)
+        runtime.align_model_config(cfg.model, tok)
+    except (OSError, ValueError) as e:
+        raise PlanError(f"tokenizer {cfg.tokenizer}: {e}") from None
+    return tok
 
 
 def make_plan(cfg, topo: Topology, *, cache_dtype: str = "float32",
@@ -826,29 +893,34 @@ def make_plan(cfg, topo: Topology, *, cache_dtype: str = "float32",
     suggestions)."""
     import jax.numpy as jnp
 
-    from vrthinker_jax import sharding
     from vrthinker_jax.models import config as model_config
 
     unknown = set(programs) - set(PROGRAMS)
     if unknown:
         raise PlanError(f"--only: unknown programs {sorted(unknown)}; expected {PROGRAMS}")
     cfg.model = model_config.Qwen25VLConfig.from_configdict(cfg.model)
+    tokenizer = plan_tokenizer(cfg)
     devices = topology_devices(topo)
     mesh = mesh_for(cfg, devices, topo.num_slices)
     graphdef, abs_params = _abstract_model(cfg.model)
     n = len(devices)
-    counts = param_counts(cfg.model)
     plans = []
     if "learner" in programs:
         plans.append(plan_learner(cfg, mesh, graphdef, abs_params, topo.chip, n))
-    rb = rollout_batch(cfg)
     wanted = tuple(p for p in ("prefill", "decode") if p in programs)
-    if wanted and rb:
+    if wanted and rows_per_call(cfg):
         plans += plan_rollout(cfg, mesh, graphdef, abs_params, topo.chip, n,
-                              jnp.dtype(cache_dtype), wanted)
-    header = {
+                              jnp.dtype(cache_dtype), wanted, tokenizer)
+    return plan_header(cfg, topo, mesh, plans), plans, suggestions(plans, tips_context(cfg, mesh))
+
+
+def plan_header(cfg, topo: Topology, mesh, plans: list[StepPlan]) -> dict:
+    """The plan's header lines: config, topology, mesh, model, optimizer, compile times."""
+    slices = f" x {topo.num_slices} slices" if topo.num_slices > 1 else ""
+    counts = param_counts(cfg.model)
+    return {
         "config": f"{cfg.get('stage', '?')}:{cfg.get('size', '?')}",
-        "topology": f"{topo.name} ({topo.jax_name}{f' x {topo.num_slices} slices' if topo.num_slices > 1 else ''}, {n} chips, "  # noqa: E501
+        "topology": f"{topo.name} ({topo.jax_name}{slices}, {len(mesh.devices.flat)} chips, "
                     f"{topo.chip.hbm_bytes / GIB:.0f} GiB HBM, "
                     f"{topo.chip.peak_flops / 1e12:.0f} bf16 TFLOP/s, "
                     f"{topo.chip.hbm_bw / 1e9:.0f} GB/s per chip)",
@@ -860,12 +932,19 @@ def make_plan(cfg, topo: Topology, *, cache_dtype: str = "float32",
                      f"state_dtype={cfg.optimizer.state_dtype}",
         "compile time": ", ".join(f"{p.name} {p.compile_s:.0f} s" for p in plans),
     }
-    ctx = {"remat": bool(cfg.model.remat), "accum": int(cfg.optimizer.accum_steps),
-           "rollout_batch": rb, "attn_chunk": cfg.model.get("attn_query_chunk"),
-           "lm_head_chunk": cfg.model.get("lm_head_chunk"),
-           "max_accum": learner_batch(cfg) * int(cfg.optimizer.accum_steps)
-           // sharding.batch_size_multiple(mesh)}
-    return header, plans, suggestions(plans, ctx)
+
+
+def tips_context(cfg, mesh) -> dict:
+    """What `suggestions` needs to know of the config and mesh."""
+    from vrthinker_jax import sharding
+
+    return {"remat": bool(cfg.model.remat), "accum": int(cfg.optimizer.accum_steps),
+            "stage": cfg.get("stage"), "rollout_batch": rows_per_call(cfg),
+            "samples_per_prompt": int(cfg.samples_per_prompt) if cfg.stage == "rft" else 1,
+            "attn_chunk": cfg.model.get("attn_query_chunk"),
+            "lm_head_chunk": cfg.model.get("lm_head_chunk"),
+            "max_accum": learner_batch(cfg) * int(cfg.optimizer.accum_steps)
+            // sharding.batch_size_multiple(mesh)}
 
 
 # --------------------------------------------------------------------------- eval rollout
@@ -1220,7 +1299,7 @@ def eval_memory(model_cfg, traj: Trajectory, *, rows: int, mesh: dict, params: d
 
 def _roofline_s(flops: float, nbytes: float, chip: Chip) -> tuple[float, str]:
     """(seconds, bound) of per-device work at the chip's peak FLOP/s and HBM bandwidth."""
-    tc, tm = flops / chip.device_peak_flops, nbytes / chip.device_hbm_bw
+    tc, tm = flops / chip.device.peak_flops, nbytes / chip.device.hbm_bw
     return max(tc, tm), ("compute" if tc >= tm else "memory")
 
 
@@ -1281,7 +1360,7 @@ class EvalPlan:
 
     @property
     def budget(self) -> float:
-        return HBM_BUDGET * self.topology.chip.device_hbm_bytes
+        return HBM_BUDGET * self.topology.chip.device.hbm_bytes
 
     @property
     def call_s(self) -> float:
@@ -1312,7 +1391,7 @@ def plan_eval_runtime(cfg, topo: Topology, traj: Trajectory, abs_params) -> Eval
     mesh = eval_mesh(cfg.mesh, mcfg, topo.num_devices)
     params = param_bytes_per_device(abs_params, mesh)
     kv = resolve_kv_slots(sc, traj)
-    budget = HBM_BUDGET * topo.chip.device_hbm_bytes
+    budget = HBM_BUDGET * topo.chip.device.hbm_bytes
     multiple = mesh["data"] * mesh["fsdp"]
 
     def memory(rows, frames_per_pass=None):
@@ -1335,7 +1414,7 @@ def eval_notes(plan: EvalPlan, cfg, traj: Trajectory, kv: int, memory_one_frame)
     if mem["params"] > budget:
         notes.append(f"bf16 weights alone are {mem['params'] / GIB:.2f} GiB per device, over the "
                      f"{budget / GIB:.2f} GiB budget ({int(HBM_BUDGET * 100)}% of "
-                     f"{plan.topology.chip.device_hbm_bytes / GIB:.0f} GiB)")
+                     f"{plan.topology.chip.device.hbm_bytes / GIB:.0f} GiB)")
     elif not plan.rows:
         notes.append(f"a batch of {_rows(multiple)} needs {mem['total'] / GIB:.2f} GiB per "
                      f"device, over the {budget / GIB:.2f} GiB budget")
@@ -1367,6 +1446,23 @@ def eval_notes(plan: EvalPlan, cfg, traj: Trajectory, kv: int, memory_one_frame)
     return notes
 
 
+def eval_shapes(cfg, traj: Trajectory):
+    """The engine's static shapes (`shapes.RolloutShapes`) for the planned eval row: a cache of
+    `resolve_kv_slots` + one prefill chunk of scratch, the prompt bucket, frames_per_call images
+    of the row's image size per response, a window of one response's images (the release keeps
+    the last response's images only)."""
+    from vrthinker_jax.rollout import frame_bank, shapes
+
+    tc, first = cfg.trajectory, traj.prefills[0]
+    return shapes.RolloutShapes(
+        max_len=resolve_kv_slots(cfg.sampling, traj), response_len=traj.scratch,
+        prompt_buckets=(first.static,), prompt_frames=first.groups,
+        response_frames=int(tc.frames_per_call), bank_frames=traj.bank_frames,
+        frame_size=traj.image_hw, patch=frame_bank.PatchSpec.from_model_config(cfg.model),
+        window=int(tc.frames_per_call), max_new_tokens=RELEASE_KV_SLOTS,
+        max_turn_tokens=int(tc.max_turn_tokens))
+
+
 def compile_eval(cfg, plan: EvalPlan, traj: Trajectory, graphdef, abs_params) -> list[StepPlan]:
     """AOT-compiles (libtpu) the engine's programs for `plan`'s runtime at its batch: the prompt
     insert (the video's temporal groups as frames: the same vision-tower shapes), a re-prefill
@@ -1376,20 +1472,16 @@ def compile_eval(cfg, plan: EvalPlan, traj: Trajectory, graphdef, abs_params) ->
     import jax.numpy as jnp
 
     from vrthinker_jax import sharding
-    from vrthinker_jax.rollout import frame_bank, sampler
+    from vrthinker_jax.rollout import sampler, shapes
 
-    mcfg, sc, tc, topo = cfg.model, cfg.sampling, cfg.trajectory, plan.topology
+    mcfg, sc, topo = cfg.model, cfg.sampling, plan.topology
     mesh = sharding.make_mesh(plan.mesh, devices=topology_devices(topo))
     b = plan.rows or plan.mesh["data"] * plan.mesh["fsdp"]
-    kv = resolve_kv_slots(sc, traj)
-    st = sampler.Static(
-        max_len=kv, scratch=traj.scratch, window=int(tc.frames_per_call),
-        tokens_per_frame=traj.image_tokens, image_pad_id=int(mcfg.image_token_id),
-        stop_tool=((1,),), stop_end=((2,), (3,)), temperature=0.0, top_k=0, top_p=1.0,
-        max_new_tokens=RELEASE_KV_SLOTS, max_turn_tokens=int(tc.max_turn_tokens),
-        patch=frame_bank.PatchSpec.from_model_config(mcfg),
-        kv_buckets=int(sampler.sampling_config().insert_kv_buckets),
-        prefill_chunk=int(sc.prefill_chunk))
+    # greedy, the sampling defaults' kv prefixes, the eval config's prefill chunk
+    st = shapes.sampler_static(
+        eval_shapes(cfg, traj), sampler.sampling_config(temperature=0.0,
+                                                        prefill_chunk=int(sc.prefill_chunk)),
+        **PLAN_STOPS)
     dec, ins, _ = sampler.compiled(st, graphdef)
     params, state = rollout_state_args(mesh, mcfg, st, abs_params, b,
                                        jnp.dtype(sc.cache_dtype))
@@ -1646,7 +1738,7 @@ def main(argv=None) -> int:
                                         programs=tuple(p for p in args.only.split(",") if p))
     except PlanError as e:
         print(f"plan: {e}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(e, DoesNotFit) else 2
     _emit(render_markdown(header, plans, tips), args.out)
     return 0 if not tips else 3
 

@@ -232,12 +232,8 @@ def embed_inputs(model, tokens: jax.Array, frames: jax.Array, spec: StepSpec,
     vis = nnx.vmap(lambda m, fr: frame_bank.encode_frames(m, fr, spec.patch, pin),
                    in_axes=(None, 0), spmd_axis_name=axes or None)(model, frames)
     vis = constrain_rows(vis.reshape(b, -1, vis.shape[-1]).astype(embeds.dtype), spec)
-
-    # merge per row: merge_visual_at is row-major over its batch, and rows pad frames
-    def one(e, m, v):
-        return model_lib.merge_visual_at(e[None], m[None], v)[0]
-
-    return jax.vmap(one)(embeds, visual, vis)
+    # the rollout's merge (frame_bank.embed_with_frames): per row, at the marked positions
+    return model_lib.merge_visual_at(embeds, visual, vis)
 
 
 def sequence_token_stats(

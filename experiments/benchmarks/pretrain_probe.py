@@ -40,7 +40,7 @@ def _caption_alternatives(text: str, clean_twin: str, colours: list[str]) -> lis
     return [text] + [a for a in dict.fromkeys(alts) if a != text]
 
 
-def main(argv=None) -> int:
+def _parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo-dir", required=True, help="a demo --out dir (results.json written)")
@@ -48,32 +48,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-items", type=int, default=240, help="items per kind (0 = all)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    import numpy as np
-    from absl import logging
 
-    logging.set_verbosity(logging.WARNING)
-    from data_pipelines import synthetic
+def _oracle_verdicts(data_dir: str) -> dict[int, list[str]]:
+    """Call index -> the distinct verdicts the oracle states after that call, over every pair
+    (train and held-out), in first-seen order."""
     from experiments import demo as demo_lib
     from experiments import demo_pretraining
-    from vrthinker_jax.rollout import chat, protocol
-    from vrthinker_jax.train import examples
 
-    try:
-        _, demo, tok, ckpt_dir = demo_lib.open_run(args.demo_dir, args.stage)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    pcfg = protocol.ProtocolConfig.from_configdict(demo.protocol)
-    n = pcfg.num_candidates
-    heldout, banks = demo_lib.load_heldout(args.demo_dir, demo)
-    data_dir = os.path.join(args.demo_dir, "data")
-    caps = {r["id"]: r for r in demo_lib._read_jsonl(
-        os.path.join(data_dir, "captions_heldout.jsonl"))}
-    traces = {t["id"]: t for t in demo_lib._read_jsonl(
-        os.path.join(data_dir, "cot_heldout.jsonl"))}
-    # the verdicts the oracle states after each call (by call index), over every pair
     verdicts: dict[int, list[str]] = {}
     for split in ("train", "heldout"):
         for t in demo_lib._read_jsonl(os.path.join(data_dir, f"cot_{split}.jsonl")):
@@ -81,8 +64,24 @@ def main(argv=None) -> int:
                 verdicts.setdefault(k, [])
                 if text not in verdicts[k]:
                     verdicts[k].append(text)
-    rng = np.random.default_rng(args.seed)
-    # kind -> [(pair id, frames, candidate texts (the true one first), defect kind or "")]
+    return verdicts
+
+
+def _probe_items(heldout: list[dict], data_dir: str, n: int) -> dict[str, list[tuple]]:
+    """Every candidate item of the held-out pairs, by kind ("call", "caption").
+
+    An item is (pair id, frames (global numbers), candidate texts with the true one first,
+    defect kind when the frames show the pair's defect, else ""). n: candidates per video.
+    """
+    from data_pipelines import synthetic
+    from experiments import demo as demo_lib
+    from experiments import demo_pretraining
+
+    caps = {r["id"]: r for r in demo_lib._read_jsonl(
+        os.path.join(data_dir, "captions_heldout.jsonl"))}
+    traces = {t["id"]: t for t in demo_lib._read_jsonl(
+        os.path.join(data_dir, "cot_heldout.jsonl"))}
+    verdicts = _oracle_verdicts(data_dir)
     items = {"call": [], "caption": []}
     colours = list(synthetic.COLOURS)
     for r in heldout:
@@ -93,22 +92,106 @@ def main(argv=None) -> int:
             items["call"].append((r["id"], frames, alts, d["kind"] if bad & set(frames) else ""))
         texts = caps[r["id"]]["captions"]
         for g, text in enumerate(texts, start=1):
-            twin = texts[(g - 1 + n) % (2 * n)]
+            twin = texts[(g - 1 + n) % (2 * n)]  # the same moment in the other video
             items["caption"].append((r["id"], [g], _caption_alternatives(text, twin, colours),
                                      d["kind"] if g in bad else ""))
-    for kind, its in items.items():  # every defective item, as many clean ones
+    return items
+
+
+def _balance(items: dict[str, list[tuple]], rng, max_items: int) -> dict[str, list[tuple]]:
+    """Per kind: every defective item and as many clean ones drawn at random (clean items far
+    outnumber defective ones, so accuracy would otherwise measure the clean ones); then at most
+    `max_items` of those at random (0 = all)."""
+    out = {}
+    for kind, its in items.items():
         bad = [x for x in its if x[3]]
         clean = [its[i] for i in rng.permutation(len(its)) if not its[i][3]][:len(bad)]
         keep = bad + clean
-        if args.max_items and len(keep) > args.max_items:
-            keep = [keep[i] for i in rng.permutation(len(keep))[:args.max_items]]
-        items[kind] = keep
-    max_frames = max([len(x[1]) for its in items.values() for x in its] or [1])
+        if max_items and len(keep) > max_items:
+            keep = [keep[i] for i in rng.permutation(len(keep))[:max_items]]
+        out[kind] = keep
+    return out
+
+
+def _seq_len(items: dict[str, list[tuple]], tok, demo) -> int:
+    """Tokens of the longest (frames, candidate text) example, plus one; 16 with no items."""
+    from experiments import demo as demo_lib
+    from vrthinker_jax.rollout import chat, protocol
+
     probe = [(frames, alt) for its in items.values() for _, frames, alts, _ in its
              for alt in alts]
-    seq_len = max(len(chat.tokenize_segments(
+    if not probe:
+        return 16
+    return max(len(chat.tokenize_segments(
         tok, protocol.caption_segments(frames, alt),
-        demo_lib.tokens_per_frame(demo)).ids) for frames, alt in probe) + 1 if probe else 16
+        demo_lib.tokens_per_frame(demo)).ids) for frames, alt in probe) + 1
+
+
+def _right_answers(its: list[tuple], scorer, banks, *, blind: bool, tok, pcfg, seq_len: int,
+                   max_frames: int) -> list[bool]:
+    """Per item: whether its true text (candidate 0) gets the highest log-prob under `scorer`.
+    blind: the frames are replaced by black ones of the same shape."""
+    import numpy as np
+
+    from vrthinker_jax.rollout import protocol
+    from vrthinker_jax.train import examples
+
+    # (item index, alternative index, pair id, frames, text) of each scored example
+    rows = [(i, a, pid, frames, alt) for i, (pid, frames, alts, _) in enumerate(its)
+            for a, alt in enumerate(alts)]
+    exs = (examples.segments_to_example(
+        protocol.caption_segments(frames, alt),
+        np.zeros_like(banks[pid]) if blind else banks[pid], tok, pcfg=pcfg,
+        seq_len=seq_len, max_frames=max_frames, merged_grid=scorer.rt.merged_grid)
+        for _, _, pid, frames, alt in rows)
+    scores: dict[int, dict[int, float]] = {}
+    for (i, a, *_), v in zip(rows, scorer(exs), strict=True):
+        scores.setdefault(i, {})[a] = v
+    return [max(sc, key=sc.get) == 0 for sc in (scores[i] for i in range(len(its)))]
+
+
+def _accuracy(right: list[bool], its: list[tuple]) -> dict:
+    """One kind's report: accuracy over all items, defective ones, clean ones and per defect
+    kind, and the fewest alternatives any item had (chance is 1 / alternatives)."""
+    import numpy as np
+
+    bad = [r for r, it in zip(right, its, strict=True) if it[3]]
+    clean = [r for r, it in zip(right, its, strict=True) if not it[3]]
+    by_kind = {}
+    for k in sorted({it[3] for it in its if it[3]}):
+        got = [r for r, it in zip(right, its, strict=True) if it[3] == k]
+        by_kind[k] = {"n": len(got), "accuracy": round(float(np.mean(got)), 3)}
+    return {
+        "items": len(its), "accuracy": round(float(np.mean(right)), 3),
+        "defective": round(float(np.mean(bad)), 3) if bad else None,
+        "clean": round(float(np.mean(clean)), 3) if clean else None,
+        "by_kind": by_kind,
+        "alternatives": min(len(it[2]) for it in its),
+    }
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+
+    import numpy as np
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    from experiments import demo as demo_lib
+    from vrthinker_jax.rollout import protocol
+
+    try:
+        _, demo, tok, ckpt_dir = demo_lib.open_run(args.demo_dir, args.stage)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    pcfg = protocol.ProtocolConfig.from_configdict(demo.protocol)
+    heldout, banks = demo_lib.load_heldout(args.demo_dir, demo)
+    rng = np.random.default_rng(args.seed)
+    items = _balance(_probe_items(heldout, os.path.join(args.demo_dir, "data"),
+                                  pcfg.num_candidates), rng, args.max_items)
+    max_frames = max([len(x[1]) for its in items.values() for x in its] or [1])
+    seq_len = _seq_len(items, tok, demo)
     scorer = demo_lib.TeacherForcedScorer(demo, tok, ckpt_dir, batch=args.batch,
                                           seq_len=seq_len)
 
@@ -117,34 +200,10 @@ def main(argv=None) -> int:
     for view in ("seen", "blind"):
         report[view] = {}
         for kind, its in items.items():
-            if not its:
-                continue
-            blind = view == "blind"
-            # (item index, alternative index, pair id, frames, text) of each scored example
-            rows = [(i, a, pid, frames, alt) for i, (pid, frames, alts, _) in enumerate(its)
-                    for a, alt in enumerate(alts)]
-            exs = (examples.segments_to_example(
-                protocol.caption_segments(frames, alt),
-                np.zeros_like(banks[pid]) if blind else banks[pid], tok, pcfg=pcfg,
-                seq_len=seq_len, max_frames=max_frames, merged_grid=scorer.rt.merged_grid)
-                for _, _, pid, frames, alt in rows)
-            scores: dict[int, dict[int, float]] = {}
-            for (i, a, *_), v in zip(rows, scorer(exs), strict=True):
-                scores.setdefault(i, {})[a] = v
-            right = [max(sc, key=sc.get) == 0 for sc in (scores[i] for i in range(len(its)))]
-            bad = [r for r, it in zip(right, its, strict=True) if it[3]]
-            clean = [r for r, it in zip(right, its, strict=True) if not it[3]]
-            by_kind = {}
-            for k in sorted({it[3] for it in its if it[3]}):
-                got = [r for r, it in zip(right, its, strict=True) if it[3] == k]
-                by_kind[k] = {"n": len(got), "accuracy": round(float(np.mean(got)), 3)}
-            report[view][kind] = {
-                "items": len(its), "accuracy": round(float(np.mean(right)), 3),
-                "defective": round(float(np.mean(bad)), 3) if bad else None,
-                "clean": round(float(np.mean(clean)), 3) if clean else None,
-                "by_kind": by_kind,
-                "alternatives": min(len(it[2]) for it in its),
-            }
+            if its:
+                right = _right_answers(its, scorer, banks, blind=view == "blind", tok=tok,
+                                       pcfg=pcfg, seq_len=seq_len, max_frames=max_frames)
+                report[view][kind] = _accuracy(right, its)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(report))
     return 0

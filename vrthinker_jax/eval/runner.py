@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -130,12 +130,9 @@ def run_model_eval(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     writes = distributed.is_writer()
-    # every process skips the same ids: process 0's reading of the file
-    done = set(distributed.from_process_0(
-        sorted(preds_lib.done_ids(predictions_path, include_failed=not retry_failed))
-        if writes else None))
+    done = _resume_ids(predictions_path, retry_failed=retry_failed, writes=writes)
     stats = RunStats()
-    seen_set: set[str] = set()
+    seen: set[str] = set()  # ids of this run's examples, done or not: the ones scored
     total = len(examples) if hasattr(examples, "__len__") else None
     bar = tqdm(total=total, desc=f"eval {benchmark}", disable=not (progress and writes),
                unit="ex")
@@ -143,49 +140,84 @@ def run_model_eval(
               else contextlib.nullcontext())
     with opened as writer:
         stats.partial_line_dropped = bool(writes and writer.dropped_partial_line)
-
-        def flush(batch: list[dict]) -> None:
-            rows = []
-            todo = []
-            for ex in batch:
-                if ex.get("error"):  # the loader already failed (corrupt / missing video)
-                    rows.append(_failed(ex, benchmark, str(ex["error"])))
-                else:
-                    todo.append(ex)
-            if todo:
-                rows += _predict_isolating(todo, predict_batch, benchmark)
-            for r in rows:
-                r["meta"].update(row_meta or {})
+        for batch in _batches(_pending(examples, done, seen, stats, bar), batch_size):
+            for row in _batch_rows(batch, predict_batch, benchmark):
+                row["meta"].update(row_meta or {})
                 if writes:
-                    writer.write(r)
+                    writer.write(row)
                 stats.evaluated_now += 1
-                stats.failed_now += bool(r["error"])
+                stats.failed_now += bool(row["error"])
             bar.update(len(batch))
-
-        batch: list[dict] = []
-        for ex in examples:
-            ex_id = ex.get("id")
-            if not isinstance(ex_id, str) or not ex_id:
-                raise ValueError(f"example without a string 'id': {str(ex)[:200]}")
-            if ex_id in seen_set:
-                raise ValueError(f"duplicate example id {ex_id!r}")
-            seen_set.add(ex_id)
-            if ex_id in done:
-                stats.resumed += 1
-                bar.update(1)
-                continue
-            batch.append(ex)
-            if len(batch) == batch_size:
-                flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
     bar.close()
     if not writes:
         return None
+    return _score_run(predictions_path, seen, stats, benchmark=benchmark,
+                      metrics_cfg=metrics_cfg, run_config=run_config)
+
+
+def _resume_ids(predictions_path: str, *, retry_failed: bool, writes: bool) -> set[str]:
+    """Ids already in the predictions file (failed ones too unless `retry_failed`).
+
+    Every process skips the same ids (process 0's reading of the file, broadcast): all must
+    call predict_batch on the same batches, since the rollout is one program over all of them.
+    """
+    return set(distributed.from_process_0(
+        sorted(preds_lib.done_ids(predictions_path, include_failed=not retry_failed))
+        if writes else None))
+
+
+def _pending(examples: Iterable[dict], done: set[str], seen: set[str], stats: RunStats,
+             bar) -> Iterator[dict]:
+    """The examples still to predict, lazily (a bad id fails only when the walk reaches it).
+
+    Checks each id is a non-empty str seen once, adds it to `seen`; an id in `done` is skipped
+    and counted in stats.resumed (and on the progress bar).
+    """
+    for ex in examples:
+        ex_id = ex.get("id")
+        if not isinstance(ex_id, str) or not ex_id:
+            raise ValueError(f"example without a string 'id': {str(ex)[:200]}")
+        if ex_id in seen:
+            raise ValueError(f"duplicate example id {ex_id!r}")
+        seen.add(ex_id)
+        if ex_id in done:
+            stats.resumed += 1
+            bar.update(1)
+            continue
+        yield ex
+
+
+def _batches(items: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive lists of `size` items (the last may be shorter). Each batch is yielded as
+    soon as it fills, before the next item is drawn, so its rows are written before a later
+    example can fail the walk."""
+    batch: list[dict] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _batch_rows(batch: list[dict], predict_batch: PredictBatch, benchmark: str) -> list[dict]:
+    """Rows of one batch: a failed row for each example whose loader already failed (corrupt /
+    missing video; the model never sees it), then predict_batch's rows for the others."""
+    rows = [_failed(ex, benchmark, str(ex["error"])) for ex in batch if ex.get("error")]
+    todo = [ex for ex in batch if not ex.get("error")]
+    if todo:
+        rows += _predict_isolating(todo, predict_batch, benchmark)
+    return rows
+
+
+def _score_run(predictions_path: str, seen: set[str], stats: RunStats, *, benchmark: str,
+               metrics_cfg, run_config: dict | None) -> dict:
+    """The report over the file's rows of this run's examples (`seen`); rows of other ids in
+    the file are counted under counts.skipped.not_in_this_run, this call under counts.run."""
     read = preds_lib.read_predictions(predictions_path)
-    rows = [r for r in read.rows if r["id"] in seen_set]
-    other = len({r["id"] for r in read.rows} - seen_set)
+    rows = [r for r in read.rows if r["id"] in seen]
+    other = len({r["id"] for r in read.rows} - seen)
     m = metrics_lib.evaluate_rows(rows, metrics_cfg)
     m["counts"]["skipped"]["not_in_this_run"] = other
     m["counts"]["run"] = dataclasses.asdict(stats)

@@ -1,6 +1,7 @@
 """Scale-out on CPU through the real entry points: `experiments/train.py` and `python -m
 vrthinker_jax.eval` as two `jax.distributed` processes x 4 CPU devices (gloo collectives) give
-what one process x 8 devices gives on the same global batches; a killed two-process training run
+what one process x 8 devices gives on the same global batches (SFT, then GRPO and RFT from a
+policy that answers); a killed two-process training run
 restarts and resumes; a checkpoint saved on an 8-device fsdp x tensor mesh restores onto a
 4-device mesh and continues with the same loss."""
 
@@ -23,6 +24,7 @@ from tests import needle as needle_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "experiments", "train.py")
 TIMEOUT_S = 900  # compiles per process on 2 shared CPU cores
+POLICY_TIMEOUT_S = 3600  # 200 SFT steps on one CPU device (~4 s each on 2 shared cores)
 
 
 def _free_port() -> int:
@@ -85,12 +87,12 @@ def needle(tmp_path_factory):
 SFT_STEPS = 6
 
 
-def _sft_cmd(needle, workdir) -> list[str]:
+def _sft_cmd(needle, workdir, steps: int = SFT_STEPS, ckpt_every: int = 2) -> list[str]:
     return [sys.executable, TRAIN, "--config",
             os.path.join(ROOT, "experiments", "configs", "sft.py") + ":tiny",
             "--workdir", str(workdir), f"--config.train_data={needle['traces']}",
-            f"--config.tokenizer={needle['tokenizer']}", f"--config.steps={SFT_STEPS}",
-            "--config.ckpt_every=2", "--config.log_every=1", "--config.progress=False",
+            f"--config.tokenizer={needle['tokenizer']}", f"--config.steps={steps}",
+            f"--config.ckpt_every={ckpt_every}", "--config.log_every=1", "--config.progress=False",
             "--config.data.batch_size=8", "--config.optimizer.warmup_steps=0"]
 
 
@@ -150,6 +152,99 @@ def test_train_killed_process_restarts_and_resumes(sft_runs):
         assert summary["steps_run"] == SFT_STEPS - max(sft_runs["killed_at"]), summary
 
 
+# ------------------------------------------------------------------- GRPO, then RFT
+
+POLICY_STEPS = 200  # SFT steps that make the tiny policy answer (GRPO needs groups with signal)
+GRPO_STEPS, RFT_SFT_STEPS = 2, 3
+
+
+def _stage_cmd(stage: str, needle, workdir, init_params, *extra: str) -> list[str]:
+    return [sys.executable, TRAIN, "--config",
+            os.path.join(ROOT, "experiments", "configs", f"{stage}.py") + ":tiny",
+            "--workdir", str(workdir), f"--config.train_data={needle['pairs']}",
+            f"--config.tokenizer={needle['tokenizer']}", f"--config.init_params={init_params}",
+            "--config.progress=False", "--config.log_every=1",
+            "--config.optimizer.warmup_steps=0", *extra]
+
+
+def _records(workdir, key: str) -> list[dict]:
+    """Per-step records of `key`'s stage from metrics.jsonl (the last write of each step)."""
+    by_step = {}
+    for line in open(os.path.join(workdir, "tb", "metrics.jsonl")):
+        rec = json.loads(line)
+        if key in rec:
+            by_step[rec["step"]] = {k: v for k, v in rec.items() if "time" not in k}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+@pytest.fixture(scope="module")
+def policy(needle, tmp_path_factory):
+    """A tiny policy that answers: SFT on the needle traces (one process, one device)."""
+    workdir = tmp_path_factory.mktemp("policy")
+    env = _env(1)
+    cmd = _sft_cmd(needle, workdir, POLICY_STEPS, ckpt_every=POLICY_STEPS) + [
+        "--config.optimizer.lr=3e-3"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                          timeout=POLICY_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir / "params"
+
+
+@pytest.fixture(scope="module")
+def rl_runs(needle, policy, tmp_path_factory):
+    """GRPO then RFT (from the GRPO run's params) through train.py: one process x 8 devices,
+    and two processes x 4."""
+    root = tmp_path_factory.mktemp("rl")
+    runs = {}
+    for n in (1, 2):
+        grpo_dir, rft_dir = root / f"grpo{n}", root / f"rft{n}"
+        _wait(_start(_stage_cmd("grpo", needle, grpo_dir, policy,
+                                f"--config.steps={GRPO_STEPS}", "--config.ckpt_every=1"), n))
+        outs = _wait(_start(_stage_cmd("rft", needle, rft_dir, grpo_dir / "params",
+                                       f"--config.steps={RFT_SFT_STEPS}", "--config.ckpt_every=2",
+                                       "--config.samples_per_prompt=2",
+                                       "--config.data.batch_size=8"), n))
+        runs[n] = {"grpo": grpo_dir, "rft": rft_dir,
+                   "rft_summary": [json.loads(o.strip().splitlines()[-1]) for o in outs]}
+    return runs
+
+
+@pytest.mark.slow
+def test_grpo_two_processes_match_one_process(rl_runs):
+    """The same rollouts (rewards, answers, tool calls, lengths), the same updates and the same
+    exported weights as one process x 8 devices."""
+    single, multi = (_records(rl_runs[n]["grpo"], "grpo/reward") for n in (1, 2))
+    assert len(single) == len(multi) == GRPO_STEPS
+    assert sum(r["grpo/rows_in_update"] for r in single) > 0  # the policy learned something
+    for a, b in zip(multi, single):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-6, err_msg=k)
+    for a, b in zip(_export_weights(rl_runs[2]["grpo"]), _export_weights(rl_runs[1]["grpo"]),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_rft_two_processes_match_one_process(rl_runs):
+    """Every process ends with the same accepted traces as one process (written once, in the
+    same order), the same acceptance counts, SFT losses and exported weights."""
+    single, multi = rl_runs[1], rl_runs[2]
+    s0, m0 = single["rft_summary"][0], multi["rft_summary"]
+    assert s0["accepted_traces"] > 0, s0
+    for summary in m0:
+        for k in ("prompts", "rollouts", "all_correct", "accepted_traces", "acceptance_rate"):
+            assert summary[k] == s0[k], (k, summary, s0)
+    traces = [(r / "rft_traces.jsonl").read_text() for r in (single["rft"], multi["rft"])]
+    assert traces[0] == traces[1]
+    a, b = (_records(r["rft"], "rft_sft/loss") for r in (multi, single))
+    assert len(a) == len(b) == RFT_SFT_STEPS
+    np.testing.assert_allclose([x["rft_sft/loss"] for x in a], [x["rft_sft/loss"] for x in b],
+                               rtol=2e-5)
+    for x, y in zip(_export_weights(multi["rft"]), _export_weights(single["rft"]), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -207,6 +302,28 @@ def test_eval_two_processes_same_metrics(eval_runs):
     a, b = metrics(eval_runs[2]), metrics(eval_runs[1])
     assert a["counts"] == b["counts"] if "counts" in a else True
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+@pytest.mark.slow
+def test_score_two_processes_print_once(tmp_path):
+    """`python -m vrthinker_jax.score` under a two-process launcher: process 0 prints and writes
+    the judgment, process 1 nothing, and it is the judgment one process gives."""
+    from test_eval_checkpoint import make_export, write_videos
+
+    export_dir = make_export(str(tmp_path / "ckpt"))
+    a, b = write_videos(str(tmp_path / "videos"), 2, seed=3)
+    outs = {}
+    for n in (1, 2):
+        cmd = [sys.executable, "-m", "vrthinker_jax.score", "--checkpoint", export_dir,
+               "--prompt", "a red fox runs", "--video-a", a, "--video-b", b,
+               "--json", str(tmp_path / f"score{n}.json")]
+        # gloo (CPU collectives) announces its connections on stdout itself
+        outs[n] = ["".join(ln for ln in out.splitlines(keepends=True)
+                           if not ln.startswith("[Gloo]")) for out in _wait(_start(cmd, n))]
+    assert "OA " in outs[2][0] and outs[2][1] == ""
+    assert outs[2][0] == outs[1][0].replace("score1.json", "score2.json")
+    one, two = (json.loads((tmp_path / f"score{n}.json").read_text()) for n in (1, 2))
+    assert one == two
 
 
 # --------------------------------------------------------------------------- resharding

@@ -12,6 +12,7 @@ import ml_collections
 from data_pipelines.grain_pipelines import data_config
 from vrthinker_jax.models import config as model_config
 from vrthinker_jax.rollout.protocol import protocol_config
+from vrthinker_jax.rollout.sampler import sampling_config
 from vrthinker_jax.train.steps import optimizer_config
 
 SIZES = ("tiny", "3b", "7b", "demo")
@@ -109,3 +110,20 @@ def base(size: str) -> ml_collections.ConfigDict:
     c.roles = ml_collections.ConfigDict(dict(actor="main", reference="main", rollout="main"))
     c.meshes = ml_collections.ConfigDict()
     return c
+
+
+def rollout_sampling(size: str) -> ml_collections.ConfigDict:
+    """The sampling block of the stages that roll out while training (rft, grpo): temperature
+    1 (the rollouts are the policy's own samples) and static shapes for the size."""
+    c = sampling_config(temperature=1.0)
+    if size in CPU_SIZES:
+        c.update(dict(max_len=2304, max_new_tokens=1024, max_turn_tokens=256,
+                      prompt_buckets=(512, 1024)))
+    else:
+        c.update(dict(max_len=20480, max_new_tokens=3072, max_turn_tokens=768,
+                      prompt_buckets=(3072, 4096),
+                      # one prefill pass: a TPU prefill is compute-bound (chunks re-read the
+                      # weights), and it is what tools/plan.py compiles
+                      prefill_chunk=0))
+    return c
+

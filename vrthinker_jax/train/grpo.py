@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vrthinker_jax import distributed, sharding
-from vrthinker_jax.rollout import protocol
+from vrthinker_jax.rollout import protocol, shapes
 from vrthinker_jax.train import examples, loop, losses, rewards, rollouts, runtime, steps
 
 
@@ -150,10 +150,7 @@ class GrpoStage(loop.Stage):
         self.cfg, self.rt, self.tokenizer, self.tag = cfg, rt, tokenizer, tag
         self.group_size = int(g.group_size)
         self.rows = int(g.prompts_per_step) * self.group_size  # global: every process's
-        self.per_call = int(g.rollout_batch) or self.rows
-        if self.rows % self.per_call:
-            raise ValueError(f"grpo.rollout_batch={self.per_call} must divide "
-                             f"prompts_per_step x group_size = {self.rows}")
+        self.per_call = shapes.rows_per_call(cfg)  # the planner sizes the same engine call
         self.accum = max(int(cfg.optimizer.accum_steps), 1)
         if self.rows % self.accum:
             raise ValueError(f"grpo: prompts_per_step x group_size = {self.rows} is not "

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from data_pipelines import grain_pipelines
 from vrthinker_jax import distributed
-from vrthinker_jax.rollout import protocol
+from vrthinker_jax.rollout import protocol, shapes
 from vrthinker_jax.train import rewards, rollouts, runtime, sft
 
 _TURN_ENDS = (protocol.IM_END, "<|endoftext|>")
@@ -151,7 +151,7 @@ def run_rft(
     tests), it trains on those banks instead, as one process.
     """
     runtime.check_run_counts(cfg, "rft")
-    per_batch = max(1, int(cfg.data.batch_size) // int(cfg.samples_per_prompt))
+    per_batch = shapes.rft_prompts_per_call(cfg)  # the planner sizes the same engine call
     records_by_id = {}
     if dataset is None:
         records = grain_pipelines.read_records(pairs) if isinstance(pairs, str) else list(pairs)

@@ -348,8 +348,7 @@ def _setup_tiny():
     ])
     cfg = model_config.get_config("tiny")
     graphdef, params = nnx.split(model_lib.Qwen25VL(cfg, rngs=nnx.Rngs(0)))
-    spec = steps.StepSpec(frame_bank.PatchSpec.from_model_config(cfg),
-                          tok.token_to_id("<|image_pad|>"))
+    spec = steps.StepSpec(frame_bank.PatchSpec.from_model_config(cfg))
     return batch, graphdef, params, spec
 
 

@@ -158,7 +158,7 @@ def _learner_logp(setup, batch):
     from vrthinker_jax.train import steps
 
     eng, model = setup["engine"], setup["model"]
-    spec = steps.StepSpec(patch=eng.patch, image_pad_id=eng.vt.pad)
+    spec = steps.StepSpec(patch=eng.patch)
     logp, _ = jax.jit(lambda m, b: steps.sequence_token_stats(m, b, spec))(model, batch)
     return np.asarray(logp)
 
@@ -170,7 +170,7 @@ def _learner_logits(setup, batch):
     from vrthinker_jax.train import steps
 
     eng = setup["engine"]
-    spec = steps.StepSpec(patch=eng.patch, image_pad_id=eng.vt.pad)
+    spec = steps.StepSpec(patch=eng.patch)
 
     @jax.jit
     def logits(m, b):
@@ -222,7 +222,7 @@ def test_learner_path_reproduces_rollout_logprobs(setup, forced_k2):
     k = first_frame + int(np.argmax(t.loss_mask[first_frame:]))
     tokens = t.tokens.copy()
     tokens[k] = eng.vt.pad
-    spec = steps.StepSpec(patch=eng.patch, image_pad_id=eng.vt.pad)
+    spec = steps.StepSpec(patch=eng.patch)
 
     def embeds(traj):
         b = examples.collate([examples.from_trajectory(

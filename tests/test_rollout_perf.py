@@ -121,7 +121,7 @@ def test_mask_wider_than_the_cache_is_an_error():
                                                (896, 256, 1), (40, 8, 6)])
 def test_kv_prefixes_are_increasing_and_end_at_the_cache_size(max_len, scratch, n):
     st = sampler.Static(max_len=max_len, scratch=scratch, window=1, tokens_per_frame=1,
-                        image_pad_id=1, stop_tool=(), stop_end=(), temperature=0.0, top_k=0,
+                        stop_tool=(), stop_end=(), temperature=0.0, top_k=0,
                         top_p=1.0, max_new_tokens=1, max_turn_tokens=1, patch=None,
                         kv_buckets=n)
     p = st.kv_prefixes()
@@ -199,7 +199,7 @@ def test_chunked_prefill_equals_whole_segment_insert():
     bank = jnp.asarray(rng.integers(0, 256, (3, 8, 28, 56, 3), np.uint8))
     prompt = _segment(cfg, rng, [37, 12, 25], [[3, 5], [], [8]], [0, 0, 0], 40, 2)
     base = dict(max_len=96, scratch=40, window=3, tokens_per_frame=2,
-                image_pad_id=int(cfg.image_token_id), stop_tool=((1,),), stop_end=((2,),),
+                stop_tool=((1,),), stop_end=((2,),),
                 temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=8, max_turn_tokens=8,
                 patch=frame_bank.PatchSpec.from_model_config(cfg), kv_buckets=3)
     out = {}

@@ -38,8 +38,7 @@ def setup():
     assert (batch["visible_until"] < np.iinfo(np.int32).max).any(), "no eviction exercised"
     cfg = model_config.get_config("tiny")
     graphdef, params = nnx.split(model_lib.Qwen25VL(cfg, rngs=nnx.Rngs(0)))
-    spec = steps.StepSpec(frame_bank.PatchSpec.from_model_config(cfg), tok.token_to_id(
-        "<|image_pad|>"))
+    spec = steps.StepSpec(frame_bank.PatchSpec.from_model_config(cfg))
     state = steps.init_train_state(params, steps.make_optimizer(OPT))
     dev = steps.put_batch(batch, None)
     fn = steps.step_fn("sft", graphdef=graphdef, spec=spec, optimizer=OPT, state=state,

@@ -151,9 +151,6 @@ class Static:
     kv_buckets: int = 1  # sampling_config.insert_kv_buckets
     prefill_chunk: int = 0  # sampling_config.prefill_chunk
     banned_ids: tuple[int, ...] = ()  # ids never drawn (vision markers and pads)
-    # not read by the compiled functions (frames are placed by position, not by this id);
-    # kept while tests/test_rollout_perf.py still passes it
-    image_pad_id: int = 0
 
     def kv_prefixes(self) -> tuple[int, ...]:
         """Increasing static cache-prefix lengths an insert may attend over (last = size)."""

@@ -684,7 +684,7 @@ def plan_learner(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int) -> S
                       loss=tuple(sorted(losses.grpo_loss_options(g).items())))
     tx = steps.make_optimizer(cfg.optimizer)
     abs_state = jax.eval_shape(lambda p: steps.init_train_state(p, tx), abs_params)
-    spec = steps.StepSpec(frame_bank.PatchSpec.from_model_config(mcfg), int(mcfg.image_token_id))
+    spec = steps.StepSpec(frame_bank.PatchSpec.from_model_config(mcfg))
     fn = steps.step_fn(kind, graphdef=graphdef, spec=spec, optimizer=cfg.optimizer,
                        state=abs_state, batch_like=batch, mesh=mesh, **static)
     t0 = time.perf_counter()

@@ -139,7 +139,7 @@ def setup(cfg: ml_collections.ConfigDict, tokenizer, *, model: nnx.Module | None
     h, w = cfg.data.frame_size
     return Runtime(
         mesh=mesh, model_cfg=mcfg, graphdef=graphdef, params=params,
-        spec=steps.StepSpec(patch, int(pad)), merged_grid=patch.merged_grid(int(h), int(w)),
+        spec=steps.StepSpec(patch), merged_grid=patch.merged_grid(int(h), int(w)),
         role_meshes=role_meshes,
     )
 

@@ -173,7 +173,6 @@ class StepSpec:
     """
 
     patch: frame_bank.PatchSpec = struct.field(pytree_node=False)
-    image_pad_id: int = struct.field(pytree_node=False)
     mesh: Mesh | None = struct.field(pytree_node=False, default=None)
 
 

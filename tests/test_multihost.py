@@ -241,8 +241,11 @@ def test_rft_two_processes_match_one_process(rl_runs):
     assert len(a) == len(b) == RFT_SFT_STEPS
     np.testing.assert_allclose([x["rft_sft/loss"] for x in a], [x["rft_sft/loss"] for x in b],
                                rtol=2e-5)
+    # Adam turns summation-order rounding in near-zero gradients into small weight differences:
+    # measured 64 of 234k weights differ by more than 1e-6 after RFT's SFT steps (at most
+    # 3.4e-5), against a median change of 7e-4 from those steps (GRPO's weights agree to 1.5e-8)
     for x, y in zip(_export_weights(multi["rft"]), _export_weights(single["rft"]), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- evaluation

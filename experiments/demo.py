@@ -3,6 +3,7 @@ held-out results table, all on CPU.
 
     python -m experiments.demo            # the default (< 30 min on 2 CPU cores)
     python -m experiments.demo --quick    # the test suite's end-to-end run (< 3 min)
+    python -m experiments.demo --preset stage3   # a short SFT, then RFT and GRPO lift it
 
 What it does (every number printed is measured by this run; nothing is hard-coded):
 
@@ -30,6 +31,7 @@ What it does (every number printed is measured by this run; nothing is hard-code
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -422,6 +424,128 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- stages i-iii
+
+
+def stage_lengths(demo, tok, pcfg, traces: list[dict], pairs: list[dict]) -> dict:
+    """The static lengths a run compiles for, from its data: the longest oracle trace and
+    prompt, the SFT row (`seq_len`) and the rollout row (`max_len`: rollouts may run a little
+    longer than the oracle's traces; RFT / GRPO rows hold a whole one)."""
+    from vrthinker_jax.rollout import chat, protocol
+
+    vt = tokens_per_frame(demo)
+    trace_lens = [len(chat.tokenize_segments(tok, protocol.trace_segments(t, pcfg), vt).ids)
+                  for t in traces]
+    prompt_len = max(len(chat.tokenize_segments(tok, protocol.prompt_segments(r["prompt"], pcfg),
+                                                vt).ids) for r in pairs)
+    return {"trace_max": max(trace_lens), "prompt_max": prompt_len,
+            "seq_len": _round_up(max(trace_lens) + 16, 64),
+            "max_len": max(int(demo.eval.max_len), _round_up(max(trace_lens) + 160, 128)),
+            "vocab": tok.vocab_size}
+
+
+@dataclasses.dataclass
+class StageData:
+    """What the tool-using model's stages read: the tokenizer, protocol, rollout sampling
+    (without temperature), the longest row, and the training split (records, traces, banks)."""
+
+    tok: object
+    proto: dict
+    pcfg: object  # protocol.ProtocolConfig of proto
+    sampling: dict
+    max_len: int
+    train_pairs: list
+    train_records: list  # {id, prompt, labels}
+    train_banks: list  # uint8 [2N, H, W, 3] per train_records row
+    train_traces: list
+    trace_banks: list
+
+
+def sft_stage(demo, d: StageData, cfg, rt, out_dir: str, logger):
+    """Cold-start SFT (`cfg`: the SFT stage config) on the oracle traces, with `sft.call_share`
+    of the rows call rows drawn afresh (rehearsal). Returns (rt, stats)."""
+    from experiments import demo_pretraining
+    from vrthinker_jax.train import sft
+
+    s, pt = demo.sft, demo.get("pretrain")
+    call_share = float(s.get("call_share", 0.0))
+    rehearsal = {}
+    if call_share > 0:
+        # fresh call rows among the traces (a seed apart from the call phase's rows)
+        rows = int(s.steps) * int(s.batch_size)
+        calls, rehearsal = demo_pretraining.call_items(
+            d.train_pairs, d.pcfg.num_candidates, d.pcfg.max_frames_per_call,
+            int(round(rows * call_share)), float(pt.call_defect_share) if pt else 0.5,
+            int(demo.seed) + 1)
+        recs, rbanks = demo_pretraining.rehearsal_mix(
+            d.train_traces, d.trace_banks, calls, [d.train_banks[it["pair"]] for it in calls],
+            rows, int(demo.seed))
+        ds = sft.in_memory_dataset(cfg, recs, rbanks, d.tok, rt,
+                                   to_segments=demo_pretraining.mixed_segments)
+    else:
+        ds = sft.in_memory_dataset(cfg, d.train_traces, d.trace_banks, d.tok, rt)
+    rt, hist = sft.run_sft(cfg, os.path.join(out_dir, "sft"), ds, rt=rt, logger=logger,
+                           tag="sft")
+    return rt, {"steps": len(hist), "loss_first": hist[0]["loss"],
+                "loss_last": hist[-1]["loss"], "traces": len(d.train_traces), **rehearsal}
+
+
+def rft_stage(demo, d: StageData, rt, out_dir: str, logger):
+    """RFT (`demo.rft`): K rollouts per training pair, all-correct traces kept, SFT on them.
+    Returns (rt, stats of `rft.run_rft`)."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.configs import rft as rft_cfgs
+    from vrthinker_jax.train import rft, rollouts
+
+    r = demo.rft
+    rcfg = stage_config(rft_cfgs, demo, d.tok, protocol=d.proto, steps=r.steps,
+                        batch_size=r.batch_size, lr=r.lr, seq_len=d.max_len,
+                        sampling={**d.sampling, "temperature": float(r.temperature)})
+    rcfg.samples_per_prompt = int(r.samples_per_prompt)
+    rcfg.max_prompts = min(int(r.max_prompts), len(d.train_records))
+    per_batch = max(1, int(r.batch_size) // int(r.samples_per_prompt))
+    prompts = rollouts.in_memory_prompts(rcfg, d.train_records, d.train_banks, per_batch)
+    rt.params = jax.tree.map(jnp.copy, rt.params)  # the SFT half donates its buffers
+    return rft.run_rft(rcfg, os.path.join(out_dir, "rft"), None, d.tok, rt=rt, logger=logger,
+                       dataset=prompts)
+
+
+def grpo_config(demo, d: StageData):
+    """The GRPO stage config with the demo's `grpo` block (the objective's options included)."""
+    from experiments.configs import grpo as grpo_cfgs
+
+    g = demo.grpo
+    gcfg = stage_config(grpo_cfgs, demo, d.tok, protocol=d.proto, steps=g.steps,
+                        batch_size=g.prompts_per_step, lr=g.lr, seq_len=d.max_len,
+                        warmup=int(g.warmup_steps),
+                        sampling={**d.sampling, "temperature": float(g.temperature)})
+    gcfg.grpo.update(dict(group_size=int(g.group_size), prompts_per_step=int(g.prompts_per_step),
+                          kl_coef=float(g.kl_coef), neg_adv_scale=float(g.neg_adv_scale),
+                          neg_prob_cap=float(g.neg_prob_cap)))
+    return gcfg
+
+
+def grpo_stage(demo, d: StageData, rt, out_dir: str, logger):
+    """GRPO (`demo.grpo`) on the training prompts. Returns (rt, stats: per-step rewards)."""
+    import jax
+    import jax.numpy as jnp
+
+    from vrthinker_jax.train import grpo, rollouts
+
+    gcfg = grpo_config(demo, d)
+    prompts = rollouts.in_memory_prompts(gcfg, d.train_records, d.train_banks,
+                                     int(demo.grpo.prompts_per_step))
+    rt.params = jax.tree.map(jnp.copy, rt.params)
+    rt, ghist = grpo.run_grpo(gcfg, os.path.join(out_dir, "grpo"), None, d.tok, rt=rt,
+                              logger=logger, dataset=prompts)
+    return rt, {"steps": len(ghist), "reward": [h["reward"] for h in ghist],
+                "reward_accuracy": [h["reward_accuracy"] for h in ghist],
+                "reward_format": [h["reward_format"] for h in ghist],
+                "rows_in_update": [h["rows_in_update"] for h in ghist]}
+
+
 # --------------------------------------------------------------------------- the job
 
 
@@ -435,14 +559,12 @@ def run(demo, out_dir: str) -> dict:
 
     from data_pipelines import synthetic
     from data_pipelines import tokenizer as tok_lib
-    from experiments.configs import grpo as grpo_cfgs
-    from experiments.configs import rft as rft_cfgs
     from experiments.configs import sft as sft_cfgs
     from vrthinker_jax.checkpoints import export as export_lib
     from vrthinker_jax.eval import html_report
     from vrthinker_jax.rollout import chat, protocol
     from vrthinker_jax.rollout.sampler import sampling_config
-    from vrthinker_jax.train import grpo, rft, runtime, sft
+    from vrthinker_jax.train import runtime, sft
 
     timer = Timer()
     t_start = time.perf_counter()
@@ -478,18 +600,11 @@ def run(demo, out_dir: str) -> dict:
         tok_path = train_tokenizer(corpus, os.path.join(out_dir, "tokenizer"),
                                    int(demo.tokenizer_vocab))
         tok = tok_lib.load_tokenizer(tok_path)
-    # static lengths from the data: the longest oracle trace and the prompt
     vt = tokens_per_frame(demo)
-    trace_lens = [len(chat.tokenize_segments(tok, protocol.trace_segments(t, pcfg), vt).ids)
-                  for t in train_traces]
-    prompt_len = max(len(chat.tokenize_segments(tok, protocol.prompt_segments(r["prompt"], pcfg),
-                                                vt).ids) for r in train_pairs + heldout)
-    seq_len = _round_up(max(trace_lens) + 16, 64)
-    prompt_bucket = _round_up(prompt_len, 64)
-    # rollouts may run a little longer than the oracle's traces; RFT / GRPO rows hold a whole one
-    max_len = max(int(demo.eval.max_len), _round_up(max(trace_lens) + 160, 128))
-    results["lengths"] = {"trace_max": max(trace_lens), "prompt_max": prompt_len,
-                          "seq_len": seq_len, "max_len": max_len, "vocab": tok.vocab_size}
+    results["lengths"] = stage_lengths(demo, tok, pcfg, train_traces, train_pairs + heldout)
+    seq_len, max_len = results["lengths"]["seq_len"], results["lengths"]["max_len"]
+    prompt_bucket = _round_up(results["lengths"]["prompt_max"], 64)
+    _save_partial(out_dir, results, [], timer)  # a stopped run keeps its config and lengths
     sampling = dict(max_len=max_len, max_new_tokens=int(demo.eval.max_new_tokens),
                     max_turn_tokens=int(demo.eval.max_turn_tokens),
                     prompt_buckets=(prompt_bucket,))
@@ -583,28 +698,12 @@ def run(demo, out_dir: str) -> dict:
     del brt, bds
 
     # ---- 4. cold-start SFT
+    data = StageData(tok=tok, proto=proto, pcfg=pcfg, sampling=sampling, max_len=max_len,
+                     train_pairs=train_pairs, train_records=train_records,
+                     train_banks=train_banks, train_traces=train_traces,
+                     trace_banks=trace_banks)
     with timer("sft"):
-        call_share = float(s.get("call_share", 0.0))
-        rehearsal = {}
-        if call_share > 0:
-            # fresh call rows among the traces (a seed apart from the call phase's rows)
-            rows = int(s.steps) * int(s.batch_size)
-            calls, rehearsal = demo_pretraining.call_items(
-                train_pairs, pcfg.num_candidates, pcfg.max_frames_per_call,
-                int(round(rows * call_share)), float(pt.call_defect_share) if pt else 0.5,
-                int(demo.seed) + 1)
-            recs, rbanks = demo_pretraining.rehearsal_mix(
-                train_traces, trace_banks, calls, [train_banks[it["pair"]] for it in calls],
-                rows, int(demo.seed))
-            ds = sft.in_memory_dataset(cfg, recs, rbanks, tok, rt,
-                                       to_segments=demo_pretraining.mixed_segments)
-        else:
-            ds = sft.in_memory_dataset(cfg, train_traces, trace_banks, tok, rt)
-        rt, hist = sft.run_sft(cfg, os.path.join(out_dir, "sft"), ds, rt=rt, logger=logger,
-                               tag="sft")
-    results["stages"]["sft"] = {
-        "steps": len(hist), "loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"],
-        "traces": len(train_traces), **rehearsal}
+        rt, results["stages"]["sft"] = sft_stage(demo, data, cfg, rt, out_dir, logger)
     with timer("eval"):
         table.append({"name": "after SFT (tools on)", "stage": "sft",
                       **evaluator.run("sft", rt.params, pcfg)})
@@ -612,19 +711,9 @@ def run(demo, out_dir: str) -> dict:
     _save_partial(out_dir, results, table, timer)
 
     # ---- 5. RFT
-    r = demo.rft
     try:
         with timer("rft"):
-            rcfg = stage_config(rft_cfgs, demo, tok, protocol=proto, steps=r.steps,
-                                batch_size=r.batch_size, lr=r.lr, seq_len=max_len,
-                                sampling={**sampling, "temperature": float(r.temperature)})
-            rcfg.samples_per_prompt = int(r.samples_per_prompt)
-            rcfg.max_prompts = min(int(r.max_prompts), len(train_records))
-            per_batch = max(1, int(r.batch_size) // int(r.samples_per_prompt))
-            prompts = grpo.in_memory_prompts(rcfg, train_records, train_banks, per_batch)
-            rt.params = jax.tree.map(jnp.copy, rt.params)  # the SFT half donates its buffers
-            rt, stats = rft.run_rft(rcfg, os.path.join(out_dir, "rft"), None, tok, rt=rt,
-                                    logger=logger, dataset=prompts)
+            rt, stats = rft_stage(demo, data, rt, out_dir, logger)
         results["stages"]["rft"] = stats
         with timer("eval"):
             table.append({"name": "after RFT (tools on)", "stage": "rft",
@@ -639,25 +728,9 @@ def run(demo, out_dir: str) -> dict:
     _save_partial(out_dir, results, table, timer)
 
     # ---- 6. GRPO
-    g = demo.grpo
     try:
         with timer("grpo"):
-            gcfg = stage_config(grpo_cfgs, demo, tok, protocol=proto, steps=g.steps,
-                                batch_size=g.prompts_per_step, lr=g.lr, seq_len=max_len,
-                                warmup=1,
-                                sampling={**sampling, "temperature": float(g.temperature)})
-            gcfg.grpo.update(dict(group_size=int(g.group_size),
-                                  prompts_per_step=int(g.prompts_per_step),
-                                  kl_coef=float(g.kl_coef)))
-            prompts = grpo.in_memory_prompts(gcfg, train_records, train_banks,
-                                             int(g.prompts_per_step))
-            rt.params = jax.tree.map(jnp.copy, rt.params)
-            rt, ghist = grpo.run_grpo(gcfg, os.path.join(out_dir, "grpo"), None, tok, rt=rt,
-                                      logger=logger, dataset=prompts)
-        results["stages"]["grpo"] = {
-            "steps": len(ghist), "reward": [h["reward"] for h in ghist],
-            "reward_accuracy": [h["reward_accuracy"] for h in ghist],
-            "rows_in_update": [h["rows_in_update"] for h in ghist]}
+            rt, results["stages"]["grpo"] = grpo_stage(demo, data, rt, out_dir, logger)
         with timer("eval"):
             table.append({"name": "after GRPO = final (tools on)", "stage": "grpo",
                           **evaluator.run("grpo", rt.params, pcfg)})
@@ -755,6 +828,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes (< 3 min): checks the pipeline end to end, learns nothing")
+    p.add_argument("--preset", default="",
+                   help="a preset of experiments/configs/demo.py (default, quick, stage3); "
+                        "--quick is --preset quick")
     p.add_argument("--out", default="",
                    help="output directory (default: runs/demo-<UTC time>; must be new or empty)")
     p.add_argument("--seed", type=int, default=None, help="override the config's seed")
@@ -767,7 +843,15 @@ def main(argv=None) -> int:
     from experiments.configs import demo as demo_configs
     from vrthinker_jax import cli
 
-    demo = demo_configs.get_config("quick" if args.quick else "default")
+    if args.quick and args.preset not in ("", "quick"):
+        print(f"error: --quick and --preset {args.preset} disagree", file=sys.stderr)
+        return 2
+    preset = "quick" if args.quick else (args.preset or "default")
+    if preset not in demo_configs.PRESETS:
+        print(f"error: --preset {preset!r}: expected one of {demo_configs.PRESETS}",
+              file=sys.stderr)
+        return 2
+    demo = demo_configs.get_config(preset)
     if args.seed is not None:
         demo.seed = args.seed
     if args.no_progress:

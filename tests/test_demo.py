@@ -268,6 +268,39 @@ def test_grpo_step_probe_on_the_quick_demo(quick_run):
             assert gap["along"] > gap["against"], q
 
 
+@pytest.mark.slow
+def test_stage3_bench_on_the_quick_demo(quick_run, tmp_path):
+    """From the quick run's pretraining: SFT and RFT (stopped there), then GRPO from that RFT
+    with an objective option overridden: one JSON line per run, every number in range."""
+    out, _, _ = quick_run
+
+    def bench(*extra):
+        return subprocess.run(
+            [sys.executable, "experiments/benchmarks/stage3_bench.py", "--base-dir", out,
+             "--preset", "quick", "--format-prompts", "2", "--format-samples", "2", *extra],
+            cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+            text=True, timeout=900,
+        )
+
+    first = bench("--out", str(tmp_path / "a"), "--until", "rft")
+    assert first.returncode == 0, first.stderr[-3000:]
+    rep = json.loads(first.stdout.strip().splitlines()[-1])
+    assert rep["bench"] == "stage3" and "oa_diff_grpo" not in rep
+    proc = bench("--out", str(tmp_path / "b"), "--reuse", str(tmp_path / "a"),
+                 "--set", "grpo.neg_adv_scale=0.5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep2 = json.loads(proc.stdout.strip().splitlines()[-1])
+    for k in ("oa_diff_sft", "oa_diff_rft"):
+        assert rep2[k] == rep[k]
+    for k in ("oa_diff_sft", "oa_diff_rft", "oa_diff_grpo"):
+        assert rep2[k] is None or 0.0 <= rep2[k] <= 100.0
+    for k in ("format_before_grpo", "format_after_grpo"):
+        assert 0.0 <= rep2[k] <= 1.0
+    assert rep2["grpo"]["neg_adv_scale"] == 0.5 and rep2["wall_s"] > rep["wall_s_sft_rft"]
+    bad = bench("--out", str(tmp_path / "c"), "--preset", "stage3")  # quick's data, not stage3's
+    assert bad.returncode == 2 and "differs" in bad.stderr
+
+
 def _oracle_trace(pid: str, verdicts: list[tuple[int, str]], n: int) -> dict:
     """A "video"-style oracle trace: one call per (video, verdict), then the final turn."""
     from vrthinker_jax.rollout import protocol

@@ -95,6 +95,34 @@ def test_grpo_loss_clipping_and_kl():
     assert g[1, 2] == 0 and g[0, 0] != 0
 
 
+def test_grpo_loss_negative_advantage_options():
+    old = jnp.log(jnp.array([[0.99, 0.5], [0.99, 0.5], [0.99, 0.5]]))
+    adv = jnp.array([1.0, -1.0, -2.0])
+    mask = jnp.ones((3, 2), bool)
+
+    def grad(**kw):
+        return jax.grad(lambda lp: losses.grpo_loss(lp, old, None, adv, mask, clip_eps=0.2,
+                                                    **kw)[0])(old)
+
+    plain = grad()
+    # neg_adv_scale scales only the rows with a negative advantage
+    scaled = grad(neg_adv_scale=0.25)
+    np.testing.assert_allclose(scaled[0], plain[0], atol=1e-7)
+    np.testing.assert_allclose(scaled[1:], 0.25 * plain[1:], atol=1e-7)
+    assert np.allclose(grad(neg_adv_scale=0.0)[1:], 0.0)
+    # neg_prob_cap spares the sure tokens (p 0.99 > 0.9) of negative rows, nothing else
+    capped = grad(neg_prob_cap=0.9)
+    np.testing.assert_allclose(capped[0], plain[0], atol=1e-7)
+    assert np.allclose(capped[1:, 0], 0.0) and np.allclose(capped[1:, 1], plain[1:, 1])
+    _, m = losses.grpo_loss(old, old, None, adv, mask, clip_eps=0.2, neg_prob_cap=0.9)
+    assert np.isclose(m["spared_frac"], 2 / 6)
+    # the config block maps to these options
+    from experiments.configs import grpo as grpo_cfgs
+
+    opts = losses.grpo_loss_options(grpo_cfgs.get_config("tiny").grpo)
+    assert {"neg_adv_scale", "neg_prob_cap"} <= set(opts)
+
+
 def test_rewards():
     labels = {"TA": 1, "MQ": 0, "VQ": -1, "OA": 1}
     turn_ok = protocol.format_final_turn("s", "t", {"TA": 1, "MQ": 0, "VQ": 2, "OA": 1})

@@ -172,7 +172,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    from vrthinker_jax.train import grpo
+    from vrthinker_jax.train import grpo, rollouts
 
     try:
         cfg, rt, tok, demo, records, banks = start(args, args.steps)
@@ -186,14 +186,15 @@ def main(argv=None) -> int:
     eval_samples = args.eval_samples or group
     fixed_rows = [i for i in fixed for _ in range(eval_samples)]
     key = jax.random.key(int(demo.seed) + 11)
-    engine = grpo.make_engine(cfg, rt, tok, params=rt.params)
+    engine = rollouts.make_engine(cfg, rt, tok, params=rt.params)
 
     def fixed_reward(params) -> dict:
         return score(cfg, engine, params, records, banks, fixed_rows, key) if fixed else {}
 
     before = fixed_reward(rt.params)
     pool = records[:args.train_prompts] if args.train_prompts > 0 else records
-    prompts = grpo.in_memory_prompts(cfg, pool, [banks[r["id"]] for r in pool], prompts_per_step)
+    prompts = rollouts.in_memory_prompts(cfg, pool, [banks[r["id"]] for r in pool],
+                                         prompts_per_step)
     t0 = time.perf_counter()
     rt, hist = grpo.run_grpo(cfg, work, None, tok, rt=rt, dataset=prompts)
     wall = time.perf_counter() - t0

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     import optax
     from flax import nnx
 
-    from vrthinker_jax.train import grpo, losses, steps
+    from vrthinker_jax.train import grpo, losses, rollouts, steps
 
     try:
         cfg, rt, tok, demo, records, banks = bench.start(args, steps=1)
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
 
     # the batch: records[:n_prompts] x group, as run_grpo assembles it
     idx = [i for i in range(n_prompts) for _ in range(group)]
-    engine = grpo.make_engine(cfg, rt, tok, params=p0)
+    engine = rollouts.make_engine(cfg, rt, tok, params=p0)
     row_banks = [banks[records[i]["id"]] for i in idx]
     trajs = engine.rollout([records[i]["prompt"] for i in idx], np.stack(row_banks), key)
     labels = [records[i]["labels"] for i in idx]

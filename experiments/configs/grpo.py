@@ -7,7 +7,6 @@
 import ml_collections
 
 from experiments.configs import common
-from vrthinker_jax.rollout.sampler import sampling_config
 from vrthinker_jax.train.rewards import rewards_config
 
 
@@ -23,6 +22,15 @@ def get_config(size: str = "tiny"):
         clip_eps=0.2,  # lower clip of the ratio
         clip_eps_high=0.28,  # upper clip (DAPO-style clip-higher)
         kl_coef=0.01,  # k3 KL to the frozen reference (0 skips the reference forward)
+        # the push-down half of the update (rows with a negative advantage): on a
+        # near-deterministic policy it breaks the format every row shares (docs/measurements.md,
+        # "2026-12-05: stage iii"). Negative advantages are multiplied by neg_adv_scale (1 =
+        # plain GRPO, 0 = learn from better-than-average rows only)
+        neg_adv_scale=1.0,
+        # in negative-advantage rows, tokens sampled with a probability above this are not
+        # pushed down (the shared tags and template sit near 1, the wrong decisions do not);
+        # 1 = every token pushed down
+        neg_prob_cap=1.0,
         advantage_baseline="mean",  # "mean" (GRPO) or "rloo"
         scale_std=True,  # divide advantages by the group std
         drop_no_signal_groups=True,  # groups whose rewards are all equal carry no signal
@@ -30,10 +38,8 @@ def get_config(size: str = "tiny"):
         # the KV cache on the rollout mesh
         rollout_batch=0 if size in common.CPU_SIZES else 64,
     ))
-    c.sampling = sampling_config(temperature=1.0)
+    c.sampling = common.rollout_sampling(size)
     if size in common.CPU_SIZES:
-        c.sampling.update(dict(max_len=2304, max_new_tokens=1024, max_turn_tokens=256,
-                               prompt_buckets=(512, 1024)))
         # experiments/benchmarks/grpo_step_probe.py on a trained tiny policy: one Adam step at
         # 2e-4 halves the format reward, 5e-4 zeroes it; the warm-up lets Adam's moments average
         # the noisy gradients before full-size steps (README: "GRPO from a trained model")
@@ -43,11 +49,7 @@ def get_config(size: str = "tiny"):
         c.ckpt_every = 10
         c.log_every = 1
     else:
-        c.sampling.update(dict(max_len=20480, max_new_tokens=3072, max_turn_tokens=768,
-                               prompt_buckets=(3072, 4096), cache_dtype="bfloat16",
-                               # one prefill pass: a TPU prefill is compute-bound (chunks re-read
-                               # the weights), and it is what tools/plan.py compiles
-                               prefill_chunk=0))
+        c.sampling.cache_dtype = "bfloat16"  # the rollout's KV cache (half the HBM)
         c.steps = 500
         c.ckpt_every = 20
     return c

@@ -263,7 +263,3 @@ def run_grpo(
         dataset = rollouts.prompt_dataset(cfg, pairs, int(cfg.grpo.prompts_per_step))
     return loop.train(cfg, workdir, dataset, stage, rt=rt, logger=logger, stop_after=stop_after)
 
-
-# TEMPORARY (removed before commit): callers in experiments/ move to `rollouts`
-make_engine, in_memory_prompts, label_dict = (rollouts.make_engine, rollouts.in_memory_prompts,
-                                              rollouts.label_dict)

@@ -130,6 +130,8 @@ def grpo_loss_options(grpo_cfg) -> dict:
         "clip_eps": float(grpo_cfg.clip_eps),
         "clip_eps_high": None if hi is None else float(hi),
         "kl_coef": float(grpo_cfg.kl_coef),
+        "neg_adv_scale": float(grpo_cfg.neg_adv_scale),
+        "neg_prob_cap": float(grpo_cfg.neg_prob_cap),
     }
 
 
@@ -143,8 +145,20 @@ def grpo_loss(
     clip_eps: float,
     clip_eps_high: float | None = None,
     kl_coef: float = 0.0,
+    neg_adv_scale: float = 1.0,
+    neg_prob_cap: float = 1.0,
 ):
     """Token-level clipped-ratio GRPO objective (to minimise) with a k3 KL penalty.
+
+    Two options weaken the push-down half of the update (rows with a negative advantage), which
+    on a near-deterministic policy breaks the format shared by every row (docs/measurements.md,
+    "stage iii"):
+      neg_adv_scale: negative advantages are multiplied by this (1 = plain GRPO, 0 = learn from
+        the better-than-average rows only).
+      neg_prob_cap: in negative-advantage rows, tokens the rollout policy sampled with a
+        probability above this are not pushed down (their per-token term is dropped; the mean
+        still counts them): the tokens every row shares (tags, the answer template) are near
+        1, the decisions that made the row wrong are not. 1 = every token pushed down.
 
     Args:
       logp, old_logp, ref_logp: float32 [b, t] log-probs of the sampled tokens under the current,
@@ -158,11 +172,15 @@ def grpo_loss(
     """
     hi = clip_eps if clip_eps_high is None else clip_eps_high
     ratio = jnp.exp(logp - old_logp)
-    adv = advantages[:, None]
+    negative = advantages < 0
+    adv = jnp.where(negative, advantages * neg_adv_scale, advantages)[:, None]
     unclipped = ratio * adv
     clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + hi) * adv
     objective = jnp.minimum(unclipped, clipped)
-    per_token = -objective
+    # [b, t]: tokens whose policy term counts (a sure token of a negative row does not)
+    spared = negative[:, None] & (old_logp > jnp.log(neg_prob_cap)) if neg_prob_cap < 1.0 else (
+        jnp.zeros_like(mask, dtype=bool))
+    per_token = -jnp.where(spared, 0.0, objective)
     kl = jnp.zeros_like(logp) if ref_logp is None else kl_k3(logp, ref_logp)
     per_token = per_token + kl_coef * kl
     loss = masked_mean(per_token, mask)
@@ -171,5 +189,7 @@ def grpo_loss(
         # share of tokens where the clipped term is the active one (it has no gradient there)
         "clip_frac": masked_mean((clipped < unclipped).astype(jnp.float32), mask),
         "ratio_mean": masked_mean(ratio, mask),
+        # share of the generated tokens that neg_prob_cap kept out of the push-down
+        "spared_frac": masked_mean(spared.astype(jnp.float32), mask),
     }
     return loss, metrics

@@ -415,7 +415,8 @@ def format_results(results: dict) -> str:
         lines.append(
             f"tool-using model vs initial-frames-only: OA diff {gain['oa_diff_points']:+.1f} "
             f"points, OA ties {gain['oa_ties_points']:+.1f} points "
-            f"(goal: >= +20 overall; {'met' if gain['goal_met'] else 'NOT met'})")
+            f"(goal: >= +{gain.get('goal_points', 20):g} overall; "
+            f"{'met' if gain['goal_met'] else 'NOT met'})")
         if gain.get("oa_diff_vs_coin_flip") is not None:
             lines.append(
                 f"tool-using model vs a coin flip between the videos (50.0 OA diff): "
@@ -772,7 +773,8 @@ def run(demo, out_dir: str) -> dict:
         results["gain"] = {"final_stage": final_name, "oa_diff_points": d,
                            "oa_diff_vs_coin_flip": 100 * p - 50.0, "n_oa_diff": n_diff,
                            "oa_diff_ci95": ci,
-                           "oa_ties_points": t, "goal_met": bool(d >= 20 and t >= 20)}
+                           "oa_ties_points": t, "goal_points": float(demo.goal_points),
+                           "goal_met": bool(d >= demo.goal_points and t >= demo.goal_points)}
     html_path = os.path.join(out_dir, "trace_report.html")
     rows = evaluator.rows[final_name][: int(demo.eval.html_examples)]
 

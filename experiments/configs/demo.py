@@ -55,6 +55,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = preset
     c.seed = 0  # data, model init and sampling seed
+    # the job's goal: the final model beats the initial-frames baseline by this many held-out
+    # points, both in OA diff and in OA with ties (results.json `gain.goal_met`)
+    c.goal_points = 20.0
 
     # ---- synthetic needle data (data_pipelines/synthetic.py)
     c.num_pairs = 24 if quick else 400  # pairs generated; heldout_fraction of them held out

@@ -146,14 +146,8 @@ def run(args) -> dict:
 
     logging.set_verbosity(logging.WARNING)
     from experiments import demo as demo_lib
-
-    # every module the stages use, loaded now: a run takes long, and the tree may change
-    from experiments.configs import grpo as _grpo_cfgs  # noqa: F401
-    from experiments.configs import rft as _rft_cfgs  # noqa: F401
     from experiments.configs import sft as sft_cfgs
     from vrthinker_jax.rollout.sampler import sampling_config
-    from vrthinker_jax.train import grpo as _grpo  # noqa: F401
-    from vrthinker_jax.train import rollouts as _rollouts  # noqa: F401
     from vrthinker_jax.train import runtime
 
     t0 = time.perf_counter()

@@ -123,15 +123,6 @@ def static_for(shapes: shapes_lib.RolloutShapes, tokenizer, sampling_cfg) -> sam
     )
 
 
-def sampler_static(model_cfg, tokenizer, protocol_cfg: protocol.ProtocolConfig, sampling_cfg,
-                   frame_size: Sequence[int]) -> sampler.Static:
-    """The static settings a `RolloutEngine` compiles with: every shape of its rollout
-    (`rollout_shapes`) and the sampling knobs. Needs no model, so a planner can size the
-    engine's programs from it. Raises ValueError on settings that disagree."""
-    return static_for(rollout_shapes(model_cfg, tokenizer, protocol_cfg, sampling_cfg,
-                                     frame_size), tokenizer, sampling_cfg)
-
-
 @dataclasses.dataclass
 class _RowLog:
     """The host's record of one row during a rollout (the state holds its tokens)."""

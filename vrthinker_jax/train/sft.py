@@ -113,7 +113,6 @@ class SftStage(loop.Stage):
         self.tokens_total: int | None = 0  # None: restored from a checkpoint without the count
         self.first_errors: list[str] = []
         self.fn = None
-        self.state = None
 
     def restore(self, meta: dict) -> None:
         self.failed_total = int(meta.get("failed_total", 0))
@@ -123,9 +122,9 @@ class SftStage(loop.Stage):
         return {"failed_total": self.failed_total, "target_tokens_total": self.tokens_total}
 
     def _count_failed(self, host: dict) -> int:
-        failed = int(np.sum(host.get("failed", 0)))
+        failed = int(np.sum(host["failed"]))
         self.failed_total += failed
-        errors = [e for e in host.get("error", ()) if e]
+        errors = [e for e in host["error"] if e]
         self.first_errors += errors[: max(0, 2 - len(self.first_errors))]
         if failed == len(host["tokens"]) and self.fn is None:
             print(f"[{self.tag}] warning: every row of the first batch failed to build: "

@@ -395,8 +395,8 @@ class _BatchBlocks(grain.MapDataset):
 
 def process_shard(cfg, process_index=None, process_count=None) -> tuple[int, int]:
     """(index, count) of this process: explicit args, then cfg, then jax.process_*()."""
-    index = process_index if process_index is not None else cfg.get("process_index", -1)
-    count = process_count if process_count is not None else cfg.get("process_count", -1)
+    index = process_index if process_index is not None else cfg.process_index
+    count = process_count if process_count is not None else cfg.process_count
     index = jax.process_index() if index is None or index < 0 else int(index)
     count = jax.process_count() if count is None or count < 0 else int(count)
     if not 0 <= index < count:

@@ -105,7 +105,6 @@ def export(cfg, directory: str, rt) -> str:
     process 0 then writes the manifest and copies the tokenizer."""
     from vrthinker_jax import checkpoints
     from vrthinker_jax.checkpoints import export as export_lib
-    from vrthinker_jax.rollout.sampler import sampling_config
 
     model_dir = os.path.join(os.path.abspath(directory), export_lib.MODEL_DIR)
     if distributed.is_writer() and os.path.exists(model_dir):
@@ -116,7 +115,7 @@ def export(cfg, directory: str, rt) -> str:
     if distributed.is_writer():
         export_lib.export_reward_model(
             directory, model_dir=model_dir, tokenizer_path=cfg.tokenizer,
-            protocol_cfg=cfg.protocol, sampling_cfg=cfg.get("sampling") or sampling_config(),
+            protocol_cfg=cfg.protocol, sampling_cfg=cfg.sampling,
             frame_size=tuple(cfg.data.frame_size), info={"stage": cfg.stage}, overwrite=True)
     distributed.barrier("export_written")
     return os.path.abspath(directory)

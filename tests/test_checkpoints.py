@@ -114,6 +114,16 @@ def test_released_configs_round_trip_through_hf_layout():
     assert config_lib.get_config("7b").text.vocab_size == 152064
 
 
+def test_saved_config_without_later_knobs_takes_the_config_defaults():
+    """A checkpoint config.json from before the compute knobs existed reads with get_config's
+    values for them (the one place their defaults live)."""
+    d = config_lib.get_config("tiny").to_dict()
+    for key in config_lib.LATER_KNOBS:
+        del d[key]
+    got = config_lib.Qwen25VLConfig.from_configdict(d)
+    assert got.to_dict() == config_lib.get_config("tiny").to_dict()
+
+
 # The released Qwen2.5-VL-7B-Instruct config.json (flat layout), abridged to what the model reads.
 RELEASED_7B = {
     "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec
 from test_train_support import (
     ByteTokenizer,
     make_bank,
@@ -51,6 +52,39 @@ def test_role_mesh_errors_name_the_field(change, match):
     change(cfg)
     with pytest.raises(ValueError, match=match):
         runtime.make_role_meshes(cfg)
+
+
+def test_mesh_rules_from_the_config_lay_out_the_params_and_the_rollout():
+    """`mesh.rules` (the config's logical axis -> mesh axes table) is what `runtime.setup` lays
+    the params out by, and the rollout engine's copy: a non-default rule changes a parameter's
+    sharding."""
+    tok = ByteTokenizer()
+    cfg, _ = stage_config("grpo")
+    cfg.mesh = common.mesh_config({"data": 2, "fsdp": 2, "tensor": 2})
+    model = model_lib.Qwen25VL(cfg.model, rngs=nnx.Rngs(0))
+
+    def spec(params):
+        return params["embed_tokens"].value.sharding.spec  # [vocab, embed]
+
+    assert spec(runtime.setup(cfg, tok, model=model).params) == PartitionSpec("tensor", "fsdp")
+    cfg.mesh.rules.vocab = ()
+    cfg.mesh.rules.embed = ("fsdp", "tensor")
+    rt = runtime.setup(cfg, tok, model=model)
+    want = PartitionSpec(None, ("fsdp", "tensor"))
+    assert spec(rt.params) == want
+    assert rt.rules.vocab == () and rt.spec.rules == rt.rules
+    assert spec(rollouts.make_engine(cfg, rt, tok).params) == want
+
+
+def test_each_role_takes_its_meshs_rules():
+    cfg, _ = split_config()
+    cfg.meshes.gen.rules.batch = ("data",)
+    rules = runtime.make_role_rules(cfg)
+    assert rules["actor"].batch == ("data", "fsdp") and rules["rollout"].batch == ("data",)
+    assert rules["reference"] == rules["rollout"]
+    cfg.mesh.rules.embed = ("fsdp", "model")
+    with pytest.raises(ValueError, match=r"sharding rule 'embed': unknown mesh axes \['model'\]"):
+        runtime.make_role_rules(cfg)
 
 
 def test_reference_on_its_own_mesh_gives_the_learners_log_probs():

@@ -184,15 +184,17 @@ def local_rows(x, row_dim: int = 0) -> np.ndarray:
                           axis=row_dim)
 
 
-def global_rows(mesh, local: int) -> int:
+def global_rows(mesh, local: int, rules=None) -> int:
     """Rows of a global batch whose process-local part has `local` rows on `mesh` (split over
-    its batch axes): `local` times the processes that hold distinct rows."""
+    its batch axes by `rules`, default `sharding.DEFAULT_RULES`): `local` times the processes
+    that hold distinct rows."""
     from vrthinker_jax import sharding
 
     if mesh is None:
         return local
-    total = sharding.batch_size_multiple(mesh)
-    s = sharding.batch_sharding(mesh, 1)
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    total = sharding.batch_size_multiple(mesh, rules)
+    s = sharding.batch_sharding(mesh, 1, rules=rules)
     mine = {sl[0].start or 0 for sl in s.addressable_devices_indices_map((total,)).values()}
     if local % len(mine):
         raise ValueError(f"{local} rows on this process do not split over its {len(mine)} "
@@ -200,15 +202,16 @@ def global_rows(mesh, local: int) -> int:
     return local * total // len(mine)
 
 
-def rows_held(mesh, total: int) -> list[int]:
-    """The global rows (sorted) of a `total`-row batch split over `mesh`'s batch axes that this
-    process's devices hold: the rows it passes to `put_rows`, in that order. All of them
-    without a mesh or with one process."""
+def rows_held(mesh, total: int, rules=None) -> list[int]:
+    """The global rows (sorted) of a `total`-row batch split over `mesh`'s batch axes (by
+    `rules`, default `sharding.DEFAULT_RULES`) that this process's devices hold: the rows it
+    passes to `put_rows`, in that order. All of them without a mesh or with one process."""
     from vrthinker_jax import sharding
 
     if mesh is None or jax.process_count() == 1:
         return list(range(total))
-    s = sharding.batch_sharding(mesh, 1)
+    s = sharding.batch_sharding(mesh, 1, rules=sharding.DEFAULT_RULES if rules is None
+                                else rules)
     rows = set()
     for (sl,) in s.addressable_devices_indices_map((total,)).values():
         rows.update(range(*sl.indices(total)))

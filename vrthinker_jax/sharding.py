@@ -1,4 +1,5 @@
-"""Device meshes and the one table that maps logical axis names to mesh axes.
+"""Device meshes and the table that maps logical axis names to mesh axes (`rules_config`: a
+config value, `mesh.rules` of a stage config).
 
 Model parameters carry logical axis names (`nnx.with_partitioning(..., ('embed', 'mlp'))`, stored
 as the Variable's `out_sharding` metadata). This module turns them into `NamedSharding`s for a
@@ -18,27 +19,74 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
-DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
-    "embed": "fsdp",
-    "mlp": "tensor",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "vocab": "tensor",
-    "head_dim": None,
-    "layers": None,
-    "seq": None,
+Rules = Mapping[str, "str | Sequence[str] | None"]
+
+
+def rules_config() -> ml_collections.ConfigDict:
+    """The logical axis -> mesh axes table: a stage config's `mesh.rules` (each mesh block of
+    `experiments/configs/common.mesh_config` carries one) and `DEFAULT_RULES`, what library
+    callers without a config use. Each value is a tuple of mesh axes, tried in order: an axis
+    that does not divide the dimension (or is already used by another dimension of the array)
+    is dropped, () = replicated. A logical name not in the table is replicated."""
+    r = ml_collections.ConfigDict()
+    # rows of every batch (training micro-batches, rollout state and KV cache, frame banks)
+    # over both data-parallel axes: fsdp shards the weights but, like data, splits the rows
+    r.batch = ("data", "fsdp")
+    # the model width of every weight over fsdp (ZeRO-3): each chip holds 1/fsdp of each matrix
+    # and the step gathers a layer's weights when it runs it
+    r.embed = ("fsdp",)
+    # the SwiGLU hidden width over tensor (Megatron: column-split up/gate, row-split down)
+    r.mlp = ("tensor",)
+    # query heads over tensor: each shard attends with its own heads, no exchange inside
+    # attention
+    r.heads = ("tensor",)
+    # key/value heads over tensor like the query heads they serve (dropped, i.e. replicated,
+    # where tensor does not divide them, e.g. 2 kv heads on tensor=4)
+    r.kv_heads = ("tensor",)
+    # embedding / lm_head rows over tensor: the vocabulary (152k) is the largest weight dim
+    r.vocab = ("tensor",)
+    # per-head width stays whole: rotary embedding and the score dot product need all of it
+    r.head_dim = ()
+    # the stacked layer axis of scanned layers stays whole: the scan slices it per step
+    r.layers = ()
+    # token positions (no array names them today): a row's tokens stay on one chip
+    r.seq = ()
     # the decoder's residual stream between layers when model.seq_parallel (Megatron-style
     # sequence parallelism: each tensor shard keeps 1/tensor of the tokens of the remat carries)
-    "seq_shard": "tensor",
-}
+    r.seq_shard = ("tensor",)
+    return r
+
+
+def _axes(target) -> tuple[str, ...]:
+    """A rule's value as a tuple of mesh axes (one name, None and a list accepted)."""
+    return (target,) if isinstance(target, str) else tuple(target or ())
+
+
+def freeze_rules(rules: Rules) -> ml_collections.FrozenConfigDict:
+    """`rules` (a `rules_config()` ConfigDict or a plain mapping; a value may also be one axis
+    name or None) as a hashable FrozenConfigDict of tuples (a jit-static setting), checking
+    every mesh axis it names."""
+    out = {}
+    for name, target in dict(rules).items():
+        axes = _axes(target)
+        unknown = [a for a in axes if a not in MESH_AXES]
+        if unknown:
+            raise ValueError(f"sharding rule {name!r}: unknown mesh axes {unknown}; expected "
+                             f"some of {MESH_AXES}")
+        out[str(name)] = axes
+    return ml_collections.FrozenConfigDict(out)
+
+
+# for callers without a stage config (the eval CLI and reward-model exports, `distributed`'s
+# row helpers, tools/plan.py, tests); stage runs take theirs from `cfg.mesh.rules`
+DEFAULT_RULES = freeze_rules(rules_config())
 
 
 def make_mesh(
@@ -93,7 +141,7 @@ def spec_for(
     logical: Sequence[str | None] | None,
     shape: Sequence[int],
     mesh: Mesh,
-    rules: Mapping[str, str | tuple[str, ...] | None] = DEFAULT_RULES,
+    rules: Rules = DEFAULT_RULES,
 ) -> PartitionSpec:
     """PartitionSpec for one array: logical names -> mesh axes, dropping axes that don't divide."""
     if not logical:
@@ -103,8 +151,7 @@ def spec_for(
     used: set[str] = set()
     out = []
     for name, dim in zip(logical, shape):
-        target = rules.get(name) if name is not None else None
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = _axes(rules.get(name)) if name is not None else ()
         kept = []
         size = 1
         for ax in axes:
@@ -156,9 +203,9 @@ def shard_state(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State:
 
 def batch_spec(ndim: int, batch_dim: int = 0, rules=DEFAULT_RULES) -> PartitionSpec:
     """PartitionSpec that splits `batch_dim` over the batch mesh axes and replicates the rest."""
-    axes = rules["batch"]
+    axes = _axes(rules["batch"])
     spec: list = [None] * ndim
-    spec[batch_dim] = axes
+    spec[batch_dim] = None if not axes else axes[0] if len(axes) == 1 else axes
     return PartitionSpec(*spec)
 
 
@@ -172,9 +219,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_size_multiple(mesh: Mesh, rules=DEFAULT_RULES) -> int:
     """The global batch must be a multiple of this (the product of the batch mesh axes)."""
-    axes = rules["batch"]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape[a] for a in _axes(rules["batch"]))
 
 
 def explain_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> list[str]:

@@ -2,7 +2,8 @@
 
 Sizes: `tiny` (CPU, random weights, synthetic data), `3b`, `7b` (TPU pods, release protocol).
 Every value can be overridden on the command line, e.g. `--config.optimizer.lr=2e-5`,
-`--config.mesh.ici.tensor=4`, `--config.mesh.dcn.data=2` (multi-slice).
+`--config.mesh.ici.tensor=4`, `--config.mesh.dcn.data=2` (multi-slice),
+`--config.mesh.rules.embed="('fsdp', 'tensor')"` (how arrays split over the mesh axes).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from data_pipelines.grain_pipelines import data_config
+from vrthinker_jax import sharding
 from vrthinker_jax.models import config as model_config
 from vrthinker_jax.rollout.protocol import protocol_config
 from vrthinker_jax.rollout.sampler import sampling_config
@@ -46,6 +48,10 @@ def mesh_config(ici: dict, dcn: dict | None = None, devices=()) -> ml_collection
     m.ici = ml_collections.ConfigDict(ici)
     # slices per mesh axis (multi-slice TPU over DCN); the axis size is ici * dcn
     m.dcn = ml_collections.ConfigDict(dcn or {"data": 1, "fsdp": 1, "tensor": 1})
+    # logical axis name -> tuple of mesh axes, for the arrays on this mesh (params, optimizer
+    # state, batches, rollout state): each rule and why in `vrthinker_jax.sharding.rules_config`;
+    # e.g. `--config.mesh.rules.embed="('fsdp', 'tensor')"`; () = replicated
+    m.rules = sharding.rules_config()
     return m
 
 
@@ -106,7 +112,8 @@ def base(size: str) -> ml_collections.ConfigDict:
     c.progress = True  # tqdm progress bar with ETA
     # roles -> meshes (tunix-style): all share the one mesh unless a config maps them elsewhere:
     # a role named to another mesh uses `meshes.<name>` (a mesh_config; e.g. the learner on
-    # devices 0-3 and rollout + reference on 4-7), and the actor's mesh must be `main`
+    # devices 0-3 and rollout + reference on 4-7), and the actor's mesh must be `main`; a role's
+    # arrays are laid out by its mesh block's `rules`
     c.roles = ml_collections.ConfigDict(dict(actor="main", reference="main", rollout="main"))
     c.meshes = ml_collections.ConfigDict()
     return c

@@ -131,13 +131,24 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return cfg
 
 
+# compute knobs of `get_config` added after the first checkpoints were written: a config.json
+# from before them lacks them (`Qwen25VLConfig.from_configdict` fills them in)
+LATER_KNOBS = ("attn_query_chunk", "lm_head_chunk", "seq_parallel")
+
+
 class Qwen25VLConfig:
     """Namespace for config helpers used by the trainer (`from_configdict`)."""
 
     @staticmethod
     def from_configdict(d) -> ml_collections.ConfigDict:
-        """A validated, unlocked copy of a model ConfigDict (or plain dict of the same layout)."""
+        """A validated, unlocked copy of a model ConfigDict (or plain dict of the same layout,
+        e.g. a checkpoint's config.json); compute knobs newer than the dict (`LATER_KNOBS`)
+        take `get_config`'s values."""
         cfg = ml_collections.ConfigDict(d.to_dict() if hasattr(d, "to_dict") else dict(d))
+        defaults = get_config("tiny")
+        for key in LATER_KNOBS:
+            if key not in cfg:
+                cfg[key] = defaults[key]
         cfg.text.mrope_section = tuple(cfg.text.mrope_section)
         cfg.vision.fullatt_block_indexes = tuple(cfg.vision.fullatt_block_indexes)
         return validate(cfg)

@@ -123,7 +123,7 @@ class Qwen25VL(nnx.Module):
         self.visual = VisionTower(cfg, rngs=rngs)
         self.embed_tokens = param(rngs, (tc.vocab_size, tc.hidden_size), ("vocab", "embed"), pdt)
         kw = dict(dtype=self.dtype, param_dtype=pdt)
-        lkw = dict(kw, query_chunk=int(cfg.get("attn_query_chunk", 0)))
+        lkw = dict(kw, query_chunk=int(cfg.attn_query_chunk))
         if self.scan_layers:
             self.layers = _stacked_layers(tc, rngs, lkw)
         else:

@@ -118,7 +118,7 @@ def static_for(shapes: shapes_lib.RolloutShapes, tokenizer, sampling_cfg) -> sam
         stop_tool=(_stop_sequence(tokenizer, protocol.TOOL_CALL_END),),
         stop_end=tuple(_stop_sequence(tokenizer, t) for t in ends),
         vocab_limit=(int(tokenizer.vocab_size)
-                     if sampling_cfg.get("restrict_to_tokenizer_vocab", True) else 0),
+                     if sampling_cfg.restrict_to_tokenizer_vocab else 0),
         banned_ids=chat.structural_ids(tokenizer),
     )
 
@@ -155,18 +155,22 @@ class RolloutEngine:
       frame_size: (height, width) of the bank's frames (multiples of patch x merge).
       mesh: optional device mesh; the batch is split over its batch axes and params follow their
         logical axes (`vrthinker_jax.sharding`).
+      rules: the logical axis -> mesh axes table on `mesh` (a stage config's `mesh.rules`;
+        default `sharding.DEFAULT_RULES`).
       cache_dtype: KV-cache dtype.
     """
 
     def __init__(
         self, model, model_cfg, tokenizer, protocol_cfg: protocol.ProtocolConfig, sampling_cfg,
         frame_size: Sequence[int], *, mesh: Mesh | None = None, cache_dtype=jnp.float32,
+        rules=sharding.DEFAULT_RULES,
     ):
         self.model_cfg = model_cfg
         self.tok = tokenizer
         self.pcfg = protocol_cfg
         self.scfg = sampling_cfg
         self.mesh = mesh
+        self.rules = sharding.freeze_rules(rules)
         self.frame_size = tuple(int(x) for x in frame_size)
         self.shapes = rollout_shapes(model_cfg, tokenizer, protocol_cfg, sampling_cfg,
                                      self.frame_size)
@@ -194,7 +198,7 @@ class RolloutEngine:
     def update_params(self, params):
         """Roll out with these params (an nnx.State of the model), placed on the mesh if any."""
         if self.mesh is not None:
-            params = sharding.shard_state(params, self.mesh)
+            params = sharding.shard_state(params, self.mesh, self.rules)
         self.params = params
 
     def compile_count(self) -> int:
@@ -211,13 +215,14 @@ class RolloutEngine:
         x = np.asarray(x)
         if self.mesh is None:
             return jax.device_put(x)
-        return distributed.put_rows(x, sharding.batch_sharding(self.mesh, x.ndim, batch_dim))
+        return distributed.put_rows(x, sharding.batch_sharding(self.mesh, x.ndim, batch_dim,
+                                                                   self.rules))
 
     def _put_segment(self, seg: sampler.Segment) -> sampler.Segment:
         """The segment's arrays on device in one transfer (split over the batch on a mesh)."""
         if self.mesh is None:
             return jax.device_put(seg)
-        return distributed.put_rows(seg, shapes_lib.segment_shardings(self.mesh))
+        return distributed.put_rows(seg, shapes_lib.segment_shardings(self.mesh, self.rules))
 
     def _rows(self, *arrays, row_dims=None):
         """This process's rows of global arrays (all of them with one process)."""
@@ -227,7 +232,7 @@ class RolloutEngine:
     def _state_shardings(self, batch: int):
         """NamedShardings of a RolloutState of `batch` rows (`shapes.state_shardings`)."""
         return shapes_lib.state_shardings(self.mesh, shapes_lib.abstract_state(
-            self.model_cfg, batch, self.static, self.cache_dtype))
+            self.model_cfg, batch, self.static, self.cache_dtype), self.rules)
 
     def _init_state(self, batch: int, rng):
         return sampler.init_state(
@@ -288,10 +293,10 @@ class RolloutEngine:
         if tuple(banks.shape) != want or banks.dtype != np.uint8:
             raise ValueError(f"frame banks: got {banks.dtype} {tuple(banks.shape)}, expected "
                              f"uint8 {want}")
-        total = distributed.global_rows(self.mesh, b)
-        if self.mesh is not None and total % sharding.batch_size_multiple(self.mesh):
+        total = distributed.global_rows(self.mesh, b, self.rules)
+        if self.mesh is not None and total % sharding.batch_size_multiple(self.mesh, self.rules):
             raise ValueError(f"batch {total} is not a multiple of the mesh's batch axes "
-                             f"({sharding.batch_size_multiple(self.mesh)})")
+                             f"({sharding.batch_size_multiple(self.mesh, self.rules)})")
         return total
 
     def _prefill(self, state, bank, segs_per_row: list[list[protocol.Segment]]):

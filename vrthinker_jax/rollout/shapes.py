@@ -112,19 +112,19 @@ def rollout_shapes(model_cfg, protocol_cfg: protocol.ProtocolConfig, sampling_cf
 def sampler_static(shapes: RolloutShapes, sampling_cfg, *,
                    stop_tool: tuple[tuple[int, ...], ...], stop_end: tuple[tuple[int, ...], ...],
                    vocab_limit: int = 0, banned_ids: tuple[int, ...] = ()) -> sampler.Static:
-    """The compiled sampler's static settings: `shapes` plus the sampling knobs. The token ids
+    """The compiled sampler's static settings: `shapes` plus the knobs of `sampling_cfg` (a
+    `sampler.sampling_config()`, where each knob's default lives). The token ids
     (stop sequences, vocab_limit, banned ids) come from the caller's tokenizer; they change
     which ids are compared or masked, never a shape."""
-    defaults = sampler.sampling_config()  # for knobs a hand-built config leaves out
     return sampler.Static(
         max_len=shapes.max_len, scratch=shapes.scratch, window=shapes.window,
         tokens_per_frame=shapes.tokens_per_frame, stop_tool=stop_tool, stop_end=stop_end,
         temperature=float(sampling_cfg.temperature), top_k=int(sampling_cfg.top_k),
         top_p=float(sampling_cfg.top_p), max_new_tokens=shapes.max_new_tokens,
         max_turn_tokens=shapes.max_turn_tokens, patch=shapes.patch,
-        serve_fraction=float(sampling_cfg.get("serve_fraction", 0.0)),
-        kv_buckets=int(sampling_cfg.get("insert_kv_buckets", defaults.insert_kv_buckets)),
-        prefill_chunk=int(sampling_cfg.get("prefill_chunk", defaults.prefill_chunk)),
+        serve_fraction=float(sampling_cfg.serve_fraction),
+        kv_buckets=int(sampling_cfg.insert_kv_buckets),
+        prefill_chunk=int(sampling_cfg.prefill_chunk),
         vocab_limit=int(vocab_limit), banned_ids=tuple(banned_ids),
     )
 
@@ -142,14 +142,16 @@ def abstract_state(model_cfg, rows: int, static: sampler.Static,
         jax.random.key(0))
 
 
-def state_shardings(mesh: Mesh, state: sampler.RolloutState) -> sampler.RolloutState:
+def state_shardings(mesh: Mesh, state: sampler.RolloutState,
+                    rules=sharding.DEFAULT_RULES) -> sampler.RolloutState:
     """NamedShardings of a RolloutState (abstract or real) on `mesh`: every array split over
-    the batch axes (the KV cache [layers, b, kv_heads, S, head_dim] and positions [3, b, S] at
-    dim 1, the cache not over kv heads; the rest at dim 0), scalars and the key replicated."""
+    the batch axes of `rules` (the KV cache [layers, b, kv_heads, S, head_dim] and positions
+    [3, b, S] at dim 1, the cache not over kv heads; the rest at dim 0), scalars and the key
+    replicated."""
     rep = NamedSharding(mesh, PartitionSpec())
 
     def rows(x, dim=0):
-        return sharding.batch_sharding(mesh, x.ndim, dim) if x.ndim else rep
+        return sharding.batch_sharding(mesh, x.ndim, dim, rules) if x.ndim else rep
 
     out = jax.tree.map(rows, state)
     return out.replace(cache=jax.tree.map(lambda x: rows(x, 1), state.cache),
@@ -168,13 +170,13 @@ def abstract_segment(rows: int, length: int, frames: int) -> sampler.Segment:
         event_offset=sds((rows,), i32), serve=sds((rows,), jnp.bool_))
 
 
-def segment_shardings(mesh: Mesh) -> sampler.Segment:
-    """NamedShardings of a Segment on `mesh`: rows split over the batch axes (positions
-    [3, b, R] at dim 1, every other field at dim 0)."""
+def segment_shardings(mesh: Mesh, rules=sharding.DEFAULT_RULES) -> sampler.Segment:
+    """NamedShardings of a Segment on `mesh`: rows split over the batch axes of `rules`
+    (positions [3, b, R] at dim 1, every other field at dim 0)."""
     like = abstract_segment(1, 1, 1)
     return sampler.Segment(**{
         f.name: sharding.batch_sharding(mesh, getattr(like, f.name).ndim,
-                                        1 if f.name == "positions" else 0)
+                                        1 if f.name == "positions" else 0, rules)
         for f in dataclasses.fields(like)})
 
 

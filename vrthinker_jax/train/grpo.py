@@ -31,7 +31,7 @@ def reference_params(rt: runtime.Runtime):
     mesh = rt.role_mesh("reference")
     if mesh is rt.mesh:
         return jax.tree.map(jnp.copy, rt.params)
-    return sharding.shard_state(rt.params, mesh)
+    return sharding.shard_state(rt.params, mesh, rt.role_rules("reference"))
 
 
 def reference_logprobs(ref_fn, ref_params, host: dict, batch: dict, rt: runtime.Runtime):
@@ -40,8 +40,8 @@ def reference_logprobs(ref_fn, ref_params, host: dict, batch: dict, rt: runtime.
     mesh = rt.role_mesh("reference")
     if mesh is rt.mesh:
         return ref_fn(ref_params, batch)
-    out = ref_fn(ref_params, steps.put_batch(host, mesh))
-    return jax.device_put(out, sharding.batch_sharding(rt.mesh, out.ndim, 0))
+    out = ref_fn(ref_params, steps.put_batch(host, mesh, rt.role_rules("reference")))
+    return jax.device_put(out, sharding.batch_sharding(rt.mesh, out.ndim, 0, rt.rules))
 
 
 def micro_batches(host: dict, n: int) -> list[dict]:
@@ -159,7 +159,8 @@ class GrpoStage(loop.Stage):
         # the frozen reference: a copy, since the learner's buffers are donated to each update
         self.ref_params = reference_params(rt) if g.kl_coef else None
         self.temperature = float(cfg.sampling.temperature) or 1.0
-        ref_spec = rt.spec.replace(mesh=rt.role_mesh("reference"))
+        ref_spec = rt.spec.replace(mesh=rt.role_mesh("reference"),
+                                   rules=rt.role_rules("reference"))
         self.ref_fn = jax.jit(lambda p, b: steps.sequence_logprobs(
             p, b, graphdef=rt.graphdef, spec=ref_spec, temperature=self.temperature))
         self.update_fn = None
@@ -188,7 +189,7 @@ class GrpoStage(loop.Stage):
         """`accum` micro-batches on the learner mesh, each with its reference log-probs."""
         batches = []
         for mb in micro_batches(host, self.accum):
-            batch = steps.put_batch(mb, self.rt.mesh)
+            batch = steps.put_batch(mb, self.rt.mesh, self.rt.rules)
             if self.ref_params is not None:
                 batch["ref_logp"] = reference_logprobs(self.ref_fn, self.ref_params, mb, batch,
                                                        self.rt)
@@ -196,7 +197,7 @@ class GrpoStage(loop.Stage):
             else:
                 batch["ref_logp"] = steps.put_batch(  # this process's rows, like the batch's
                     {"ref_logp": np.zeros(mb["tokens"][:, 1:].shape, np.float32)},
-                    self.rt.mesh)["ref_logp"]
+                    self.rt.mesh, self.rt.rules)["ref_logp"]
             batches.append(batch)
         return batches
 

@@ -81,7 +81,8 @@ def train(
 
     runtime.check_run_counts(cfg, stage.tag)
     tx = steps.make_optimizer(cfg.optimizer)
-    state = steps.place_state(steps.init_train_state(rt.params, tx, int(cfg.seed)), rt.mesh)
+    state = steps.place_state(steps.init_train_state(rt.params, tx, int(cfg.seed)), rt.mesh,
+                              rt.rules)
     it = grain_pipelines.make_iterator(dataset, cfg.data)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       save_every=cfg.ckpt_every, keep=cfg.keep_checkpoints)

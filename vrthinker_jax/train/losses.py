@@ -125,7 +125,7 @@ def kl_k3(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
 def grpo_loss_options(grpo_cfg) -> dict:
     """The keyword options of `grpo_loss` from a config's `grpo` block: the one place that maps
     config values to the objective (the step, the planner and the probes all call this)."""
-    hi = grpo_cfg.get("clip_eps_high")
+    hi = grpo_cfg.clip_eps_high  # None: the upper clip is clip_eps too
     return {
         "clip_eps": float(grpo_cfg.clip_eps),
         "clip_eps_high": None if hi is None else float(hi),

@@ -17,7 +17,8 @@ from vrthinker_jax.train import examples, runtime
 
 def make_engine(cfg, rt: runtime.Runtime, tokenizer, params=None, sampling=None):
     """A rollout engine over the runtime's model on the 'rollout' role's mesh (the learner's
-    unless `cfg.roles.rollout` names another; params are then resharded onto it)."""
+    unless `cfg.roles.rollout` names another; params are then resharded onto it), laid out by
+    that mesh's sharding rules."""
     from vrthinker_jax.rollout import engine as engine_lib
 
     sampling = sampling if sampling is not None else cfg.sampling
@@ -25,7 +26,7 @@ def make_engine(cfg, rt: runtime.Runtime, tokenizer, params=None, sampling=None)
         rt.model(params), rt.model_cfg, tokenizer,
         protocol.ProtocolConfig.from_configdict(cfg.protocol),
         sampling, tuple(cfg.data.frame_size), mesh=rt.role_mesh("rollout"),
-        cache_dtype=jnp.dtype(sampling.cache_dtype),
+        cache_dtype=jnp.dtype(sampling.cache_dtype), rules=rt.role_rules("rollout"),
     )
 
 

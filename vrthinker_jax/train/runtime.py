@@ -5,6 +5,8 @@ Roles (actor, reference, rollout) map to named meshes by config, tunix-style (`c
 parameter arrays directly (no copy, no host round trip) and the reference is a second set of
 arrays laid out the same way. A role on another mesh (e.g. disjoint devices) gets the params
 resharded onto it device to device (`jax.device_put`), once per rollout batch for the rollout.
+Each mesh block carries its sharding rules (`mesh.rules`, `meshes.<name>.rules`: logical axis ->
+mesh axes, `sharding.rules_config`); a role's arrays are laid out by its mesh's rules.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from vrthinker_jax.train import steps
 @dataclasses.dataclass
 class Runtime:
     """mesh (None = one device, no explicit shardings); graphdef + params: the split model;
-    spec: static step settings; merged_grid: (rows, cols) of one frame's visual tokens."""
+    spec: static step settings (its `rules` are `rules`); merged_grid: (rows, cols) of one
+    frame's visual tokens; rules: the actor mesh's sharding rules (`cfg.mesh.rules`, frozen)."""
 
     mesh: Mesh | None
     model_cfg: ml_collections.ConfigDict
@@ -40,9 +43,15 @@ class Runtime:
     merged_grid: tuple[int, int]
     # role -> its mesh ('actor' is `mesh`); roles not configured share `mesh`
     role_meshes: dict = dataclasses.field(default_factory=dict)
+    rules: ml_collections.FrozenConfigDict = sharding.DEFAULT_RULES
+    # role -> the sharding rules of its mesh; roles not configured use `rules`
+    rules_by_role: dict = dataclasses.field(default_factory=dict)
 
     def role_mesh(self, role: str) -> Mesh | None:
         return self.role_meshes.get(role, self.mesh)
+
+    def role_rules(self, role: str) -> ml_collections.FrozenConfigDict:
+        return self.rules_by_role.get(role, self.rules)
 
     @property
     def tokens_per_frame(self) -> int:
@@ -53,42 +62,56 @@ class Runtime:
         return nnx.merge(self.graphdef, self.params if params is None else params)
 
 
-def make_mesh(mesh_cfg: ml_collections.ConfigDict | None) -> Mesh | None:
-    """cfg.mesh -> Mesh, or None for `mesh.ici` unset (plain single-device jit).
-    `mesh.devices` = (start, stop) builds it over that range of jax.devices()."""
-    if mesh_cfg is None or not mesh_cfg.get("ici"):
+def make_mesh(mesh_cfg: ml_collections.ConfigDict) -> Mesh | None:
+    """cfg.mesh (a `common.mesh_config`) -> Mesh, or None for `mesh.ici` empty (plain
+    single-device jit). `mesh.devices` = (start, stop) builds it over that range of
+    jax.devices()."""
+    if not mesh_cfg.ici:
         return None
     devices = None
-    rng = tuple(mesh_cfg.get("devices") or ())
+    rng = tuple(mesh_cfg.devices)
     if rng:
         if len(rng) != 2 or not 0 <= rng[0] < rng[1] <= jax.device_count():
             raise ValueError(f"mesh.devices: expected (start, stop) within the "
                              f"{jax.device_count()} devices, got {rng}")
         devices = jax.devices()[rng[0]:rng[1]]
-    return sharding.make_mesh(dict(mesh_cfg.ici), dict(mesh_cfg.get("dcn") or {}), devices)
+    return sharding.make_mesh(dict(mesh_cfg.ici), dict(mesh_cfg.dcn), devices)
+
+
+def role_mesh_configs(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+    """role -> its mesh block from `cfg.roles` (role -> mesh name; 'main' is `cfg.mesh`, others
+    `cfg.meshes.<name>`). The actor (learner) must be on 'main'."""
+    if cfg.roles.actor != "main":
+        raise ValueError(f"roles.actor must be 'main' (the learner's mesh), got "
+                         f"{cfg.roles.actor!r}")
+    out = {}
+    for role, name in cfg.roles.items():
+        if name != "main" and name not in cfg.meshes:
+            raise ValueError(f"roles.{role}={name!r}: no mesh config `meshes.{name}`")
+        out[role] = cfg.mesh if name == "main" else cfg.meshes[name]
+    return out
 
 
 def make_role_meshes(cfg: ml_collections.ConfigDict) -> dict[str, Mesh | None]:
-    """role -> Mesh from `cfg.roles` (role -> mesh name; 'main' is `cfg.mesh`, others
-    `cfg.meshes.<name>`). The actor (learner) must be on 'main'."""
-    roles = {"actor": "main", **dict(cfg.get("roles") or {})}
-    if roles["actor"] != "main":
-        raise ValueError(f"roles.actor must be 'main' (the learner's mesh), got "
-                         f"{roles['actor']!r}")
-    meshes = cfg.get("meshes") or {}
-    built = {"main": make_mesh(cfg.get("mesh"))}
+    """role -> Mesh from `cfg.roles` (`role_mesh_configs`); roles naming one mesh share it."""
+    configs = role_mesh_configs(cfg)
+    built = {"main": make_mesh(cfg.mesh)}
     out = {}
-    for role, name in roles.items():
+    for role, name in cfg.roles.items():
         if name not in built:
-            if name not in meshes:
-                raise ValueError(f"roles.{role}={name!r}: no mesh config `meshes.{name}`")
-            built[name] = make_mesh(meshes[name])
+            built[name] = make_mesh(configs[role])
             if built[name] is None:
                 raise ValueError(f"meshes.{name}: set its ici sizes")
         out[role] = built[name]
     if any(m is None for m in out.values()) and any(m is not None for m in out.values()):
         raise ValueError("roles: give `mesh` ici sizes when another role has its own mesh")
     return out
+
+
+def make_role_rules(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.FrozenConfigDict]:
+    """role -> the sharding rules of its mesh block (`mesh.rules`, `meshes.<name>.rules`),
+    frozen (`sharding.freeze_rules`: hashable, mesh axes checked)."""
+    return {role: sharding.freeze_rules(m.rules) for role, m in role_mesh_configs(cfg).items()}
 
 
 def align_model_config(model_cfg: ml_collections.ConfigDict, tokenizer) -> None:
@@ -116,9 +139,11 @@ def setup(cfg: ml_collections.ConfigDict, tokenizer, *, model: nnx.Module | None
     """Mesh, model (built unless given) with params placed on the mesh, step spec."""
     role_meshes = make_role_meshes(cfg)
     mesh = role_meshes["actor"]
+    rules_by_role = make_role_rules(cfg)
+    rules = rules_by_role["actor"]
     # a given model keeps its weights; a built one takes `cfg.init_params` if set (the
-    # previous stage's `export_params`)
-    init_params = cfg.get("init_params") if model is None else None
+    # previous stage's `export_params`; "" = keep the random init)
+    init_params = cfg.init_params if model is None else ""
     model = build_model(cfg) if model is None else model
     mcfg = model.config
     pad = tokenizer.token_to_id(chat.IMAGE_PAD)
@@ -132,15 +157,15 @@ def setup(cfg: ml_collections.ConfigDict, tokenizer, *, model: nnx.Module | None
                          f"text.vocab_size={mcfg.text.vocab_size}")
     graphdef, params = nnx.split(model)
     if mesh is not None:
-        params = sharding.shard_state(params, mesh)
+        params = sharding.shard_state(params, mesh, rules)
     if init_params:  # read into the mesh layout: every process reads only its shards
         params = load_params(init_params, params)
     patch = frame_bank.PatchSpec.from_model_config(mcfg)
     h, w = cfg.data.frame_size
     return Runtime(
         mesh=mesh, model_cfg=mcfg, graphdef=graphdef, params=params,
-        spec=steps.StepSpec(patch), merged_grid=patch.merged_grid(int(h), int(w)),
-        role_meshes=role_meshes,
+        spec=steps.StepSpec(patch, rules=rules), merged_grid=patch.merged_grid(int(h), int(w)),
+        role_meshes=role_meshes, rules=rules, rules_by_role=rules_by_role,
     )
 
 
@@ -152,12 +177,11 @@ def check_run_counts(cfg: ml_collections.ConfigDict, tag: str) -> None:
     """Refuses nonsense counts before any work: a run of `steps <= 0` would write an untrained
     export, and `log_every` / `ckpt_every` of 0 divide by zero mid-run."""
     for key in ("steps", "ckpt_every", "log_every"):
-        value = cfg.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 1):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{tag}: config field {key}={value!r}: expected a positive integer")
-    batch = cfg.data.get("batch_size") if cfg.get("data") is not None else None
-    if batch is not None and (not isinstance(batch, int) or batch < 1):
+    batch = cfg.data.batch_size
+    if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"{tag}: config field data.batch_size={batch!r}: expected a positive "
                          "integer")
 

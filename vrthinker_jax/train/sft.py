@@ -133,7 +133,7 @@ class SftStage(loop.Stage):
 
     def step(self, state, host: dict, step: int):
         failed = self._count_failed(host)
-        batch = steps.put_batch(host, self.rt.mesh)
+        batch = steps.put_batch(host, self.rt.mesh, self.rt.rules)
         if self.fn is None:
             self.fn = steps.step_fn("sft", graphdef=self.rt.graphdef, spec=self.rt.spec,
                                     optimizer=self.cfg.optimizer, state=state,

@@ -147,7 +147,8 @@ def init_train_state(
 
 def train_state_shardings(state: TrainState, mesh: Mesh, rules=sharding.DEFAULT_RULES):
     """NamedSharding pytree (a prefix of `state`): every nnx Variable (params, Adam moments,
-    accumulators - all carry the params' logical axes) by its axes, everything else replicated."""
+    accumulators - all carry the params' logical axes) by its axes under `rules`, everything
+    else replicated."""
     return sharding.state_shardings(state, mesh, rules)
 
 
@@ -170,10 +171,14 @@ class StepSpec:
 
     mesh: the mesh the step runs on (None = one device). Activations are then pinned to it
     split by rows over the batch axes (`constrain_rows`); `step_fn` fills it in.
+    rules: the logical axis -> mesh axes table on `mesh` (`sharding.freeze_rules` of the
+    config's `mesh.rules`: hashable); the state, batch and activations are laid out by it.
     """
 
     patch: frame_bank.PatchSpec = struct.field(pytree_node=False)
     mesh: Mesh | None = struct.field(pytree_node=False, default=None)
+    rules: ml_collections.FrozenConfigDict = struct.field(pytree_node=False,
+                                                          default=sharding.DEFAULT_RULES)
 
 
 def constrain_rows(x: jax.Array, spec: StepSpec, row: int = 0,
@@ -192,14 +197,15 @@ def constrain_rows(x: jax.Array, spec: StepSpec, row: int = 0,
     if seq is not None:
         logical[seq] = "seq_shard"
     return jax.lax.with_sharding_constraint(
-        x, NamedSharding(spec.mesh, sharding.spec_for(logical, x.shape, spec.mesh)))
+        x, NamedSharding(spec.mesh, sharding.spec_for(logical, x.shape, spec.mesh, spec.rules)))
 
 
 def _row_axes(shape, spec: StepSpec) -> tuple[str, ...]:
     """The mesh axes `constrain_rows` splits dim 0 of `shape` over (none without a mesh)."""
     if spec.mesh is None:
         return ()
-    first = sharding.spec_for(["batch"] + [None] * (len(shape) - 1), shape, spec.mesh)[0]
+    first = sharding.spec_for(["batch"] + [None] * (len(shape) - 1), shape, spec.mesh,
+                              spec.rules)[0]
     return () if first is None else (first,) if isinstance(first, str) else tuple(first)
 
 
@@ -244,10 +250,10 @@ def sequence_token_stats(
     runs `model.lm_head_chunk` positions at a time (`losses.chunked_token_stats`)."""
     embeds = embed_inputs(model, batch["tokens"], batch["frames"], spec, batch["visual"])
     mask = memory.attention_mask(batch["visible_until"], batch["valid"])
-    seq = 1 if model.config.get("seq_parallel", False) else None
+    seq = 1 if model.config.seq_parallel else None
     hidden, _ = model(batch["tokens"], batch["positions"], mask, inputs_embeds=embeds,
                       return_hidden=True, constrain=lambda x: constrain_rows(x, spec, seq=seq))
-    chunk = int(model.config.get("lm_head_chunk", 0) or 0)
+    chunk = int(model.config.lm_head_chunk)
     return losses.chunked_token_stats(hidden, batch["tokens"], model.logits, chunk,
                                       temperature=temperature, entropy=entropy)
 
@@ -367,18 +373,19 @@ STEPS = {"sft": sft_step, "grpo": grpo_step}
 
 
 def compile_step(fn, state: TrainState, batch_like: dict, *, mesh: Mesh | None = None,
-                 donate: bool = True):
+                 donate: bool = True, rules=sharding.DEFAULT_RULES):
     """jax.jit of a `(state, batch) -> (state, metrics)` step.
 
     With a mesh, the state is laid out by its logical axes and the batch split over the batch
-    axes, with explicit in/out NamedShardings so the layout never drifts between steps; metrics
-    come back replicated. `state` and `batch_like` only provide structure and shapes.
+    axes (both by `rules`), with explicit in/out NamedShardings so the layout never drifts
+    between steps; metrics come back replicated. `state` and `batch_like` only provide
+    structure and shapes.
     """
     kw = {"donate_argnums": (0,)} if donate else {}
     if mesh is None:
         return jax.jit(fn, **kw)
-    state_sh = train_state_shardings(state, mesh)
-    batch_sh = batch_shardings(batch_like, mesh)
+    state_sh = train_state_shardings(state, mesh, rules)
+    batch_sh = batch_shardings(batch_like, mesh, rules)
     rep = NamedSharding(mesh, PartitionSpec())
     return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), **kw)
 
@@ -395,6 +402,7 @@ def step_fn(kind: str, *, graphdef, spec: StepSpec, optimizer: ml_collections.Co
             state: TrainState, batch_like: dict, mesh: Mesh | None = None, **static):
     """The jitted `kind` step ('sft' | 'grpo'), cached per (model graph, spec, optimizer config,
     mesh, static settings): stages and tests that train the same model share one compile.
+    The state, batch and activations are laid out by `spec.rules`.
 
     `state` must come from `init_train_state(..., make_optimizer(optimizer))`.
     """
@@ -405,12 +413,13 @@ def step_fn(kind: str, *, graphdef, spec: StepSpec, optimizer: ml_collections.Co
     if key not in _COMPILED:
         fn = functools.partial(STEPS[kind], graphdef=graphdef, tx=make_optimizer(optimizer),
                                spec=spec, **static)
-        _COMPILED[key] = compile_step(fn, state, batch_like, mesh=mesh)
+        _COMPILED[key] = compile_step(fn, state, batch_like, mesh=mesh, rules=spec.rules)
     return _COMPILED[key]
 
 
-def place_state(state: TrainState, mesh: Mesh | None) -> TrainState:
-    """Puts the state on the mesh by its logical axes (no-op without a mesh).
+def place_state(state: TrainState, mesh: Mesh | None,
+                rules=sharding.DEFAULT_RULES) -> TrainState:
+    """Puts the state on the mesh by its logical axes under `rules` (no-op without a mesh).
 
     The placed arrays never share buffers with `state`: the step functions donate the placed
     state, and jax.device_put of an array onto a replicated sharding over devices that include
@@ -424,7 +433,7 @@ def place_state(state: TrainState, mesh: Mesh | None) -> TrainState:
     # the shardings are a prefix of the state (one per nnx Variable): put each subtree's leaves
     placed = jax.tree.map(
         lambda s, sub: jax.tree.map(lambda x: distributed.put_value(x, s), sub),
-        train_state_shardings(state, mesh), state)
+        train_state_shardings(state, mesh, rules), state)
 
     def own(src, dst):
         if isinstance(src, jax.Array) and dst.sharding.is_fully_replicated:
@@ -434,12 +443,13 @@ def place_state(state: TrainState, mesh: Mesh | None) -> TrainState:
     return jax.tree.map(own, state, placed)
 
 
-def put_batch(batch: dict, mesh: Mesh | None) -> dict:
+def put_batch(batch: dict, mesh: Mesh | None, rules=sharding.DEFAULT_RULES) -> dict:
     """This process's host rows -> global device arrays of the keys a step reads, split over
-    the mesh's batch axes when given (`distributed.put_rows`: in a run of P processes each
-    passes its own rows and the global batch is their concatenation); other keys (ids, error
-    strings, status) stay on the host."""
+    the mesh's batch axes (of `rules`) when given (`distributed.put_rows`: in a run of P
+    processes each passes its own rows and the global batch is their concatenation); other
+    keys (ids, error strings, status) stay on the host."""
     from vrthinker_jax import distributed
 
     arrays = {k: np.asarray(v) for k, v in batch.items() if k in STEP_KEYS}
-    return distributed.put_rows(arrays, None if mesh is None else batch_shardings(arrays, mesh))
+    return distributed.put_rows(arrays,
+                                None if mesh is None else batch_shardings(arrays, mesh, rules))

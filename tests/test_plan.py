@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from vrthinker_jax import cli
 from vrthinker_jax.models import config as model_config
 from vrthinker_jax.models import model as model_lib
 from vrthinker_jax.rollout import frame_bank, shapes
@@ -24,6 +25,12 @@ from vrthinker_jax.tools import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+def _load(spec: str, *overrides: str):
+    """A stage config (spec relative to the repository root) with `--config.KEY=VALUE`
+    overrides, loaded as the planner's CLI loads it."""
+    return cli.load_config(os.path.join(ROOT, spec), list(overrides), plan.PlanError)
 
 
 def _count(cfg) -> int:
@@ -167,21 +174,60 @@ def test_topologies_table():
 
 
 def test_config_loading_and_overrides():
-    cfg = plan.load_config(os.path.join(ROOT, "experiments/configs/grpo.py:7b"))
+    cfg = _load("experiments/configs/grpo.py:7b")
     assert cfg.stage == "grpo" and cfg.model.text.hidden_size == 3584
-    plan.apply_overrides(cfg, ["optimizer.accum_steps=8", "mesh.ici.tensor=2"])
+    cfg = _load("experiments/configs/grpo.py:7b", "--config.optimizer.accum_steps=8",
+                "--config.mesh.ici.tensor=2")
     assert cfg.optimizer.accum_steps == 8 and cfg.mesh.ici.tensor == 2
     assert plan.learner_batch(cfg) == cfg.grpo.prompts_per_step * cfg.grpo.group_size // 8
     with pytest.raises(plan.PlanError, match="no field 'nope'"):
-        plan.apply_overrides(cfg, ["nope.x=1"])
+        _load("experiments/configs/grpo.py:7b", "--config.nope.x=1")
     with pytest.raises(plan.PlanError, match="no such file"):
-        plan.load_config("experiments/configs/missing.py:7b")
+        cli.load_config("experiments/configs/missing.py:7b", [], plan.PlanError)
+    with pytest.raises(plan.PlanError, match="optimizer.accum_steps must be >= 1"):
+        plan.learner_batch(_load("experiments/configs/grpo.py:7b",
+                                 "--config.optimizer.accum_steps=0"))
 
 
 def test_config_errors_are_one_line():
     # the config file's own error, not ml_collections' wrapper around it
     with pytest.raises(plan.PlanError, match="grpo.py:huge: unknown size 'huge'; expected"):
-        plan.load_config("experiments/configs/grpo.py:huge")
+        cli.load_config("experiments/configs/grpo.py:huge", [], plan.PlanError)
+
+
+def test_cli_override_errors_are_one_line(monkeypatch, capsys):
+    # a --config.KEY=VALUE naming no field, or a value its field's type rejects, is refused
+    # in one line naming it before anything is compiled; so is an argument that is no override
+    monkeypatch.setattr(plan, "libtpu_available", lambda: True)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    for extra, msg in ((["--config.optimizer.nope=8"], "has no field 'nope' in optimizer"),
+                       (["--config.optimizer.accum_steps=many"],
+                        "--config.optimizer.accum_steps=many: invalid literal for int()"),
+                       (["--config.optimizer.accum_steps"], "expected --config.KEY=VALUE"),
+                       (["--set", "optimizer.accum_steps=8"], "unrecognized arguments: --set")):
+        rc = plan.main(["--config", "experiments/configs/grpo.py:7b", "--topology", "v5p-64",
+                        *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("plan: ") and msg in err[0], err
+
+
+def test_override_config_in_memory():
+    # the eval-rollout config is built in code: its overrides are parsed as a file config's
+    cfg = plan.eval_rollout_config("tiny")
+    assert cli.override_config(cfg, ["--config.sampling.prefill_chunk=1024",
+                                     "--config.trajectory.video_size=(720, 1280)",
+                                     "--config.sampling.cache_dtype=float32",
+                                     "--config.benchmarks.mjbench_video=7"]) is cfg
+    assert cfg.sampling.prefill_chunk == 1024 and cfg.trajectory.video_size == (720, 1280)
+    assert cfg.sampling.cache_dtype == "float32" and cfg.benchmarks.mjbench_video == 7
+    for bad, msg in ((["--config.sampling.nope=1"], "has no field 'nope' in sampling"),
+                     (["--config.nope=1"], "has no field 'nope' in the top level"),
+                     (["--config.trajectory.turns=x"],
+                      "--config.trajectory.turns=x: invalid literal for int()"),
+                     (["sampling.prefill_chunk=1"], "expected --config.KEY=VALUE")):
+        with pytest.raises(plan.PlanError) as e:
+            cli.override_config(cfg, bad, plan.PlanError)
+        assert msg in str(e.value) and "\n" not in str(e.value), e.value
 
 
 # --------------------------------------------------------------------------- the engine's shapes
@@ -189,23 +235,25 @@ def test_config_errors_are_one_line():
 
 def test_rows_per_engine_call():
     # RFT: data.batch_size // K prompts x K samples per call (run_rft), not batch_size x K
-    rft = plan.load_config(os.path.join(ROOT, "experiments/configs/rft.py:7b"))
+    rft = _load("experiments/configs/rft.py:7b")
     k = rft.samples_per_prompt
     assert plan.rows_per_call(rft) == (rft.data.batch_size // k) * k == 64
-    plan.apply_overrides(rft, ["data.batch_size=18", "samples_per_prompt=4"])
+    cli.override_config(rft, ["--config.data.batch_size=18", "--config.samples_per_prompt=4"],
+                        plan.PlanError)
     assert plan.rows_per_call(rft) == 16
     assert shapes.rft_prompts_per_call(rft) == 4
-    plan.apply_overrides(rft, ["data.batch_size=2"])  # fewer rows than K: one prompt
+    # fewer rows than K: one prompt
+    cli.override_config(rft, ["--config.data.batch_size=2"], plan.PlanError)
     assert plan.rows_per_call(rft) == 4
     # GRPO: grpo.rollout_batch rows, or all prompts_per_step x group_size
-    grpo = plan.load_config(os.path.join(ROOT, "experiments/configs/grpo.py:7b"))
+    grpo = _load("experiments/configs/grpo.py:7b")
     assert plan.rows_per_call(grpo) == grpo.grpo.rollout_batch == 64
-    plan.apply_overrides(grpo, ["grpo.rollout_batch=0"])
+    cli.override_config(grpo, ["--config.grpo.rollout_batch=0"], plan.PlanError)
     assert plan.rows_per_call(grpo) == grpo.grpo.prompts_per_step * grpo.grpo.group_size
-    plan.apply_overrides(grpo, ["grpo.rollout_batch=48"])
+    cli.override_config(grpo, ["--config.grpo.rollout_batch=48"], plan.PlanError)
     with pytest.raises(plan.PlanError, match="must divide"):
         plan.rows_per_call(grpo)
-    assert plan.rows_per_call(plan.load_config("experiments/configs/sft.py:7b")) == 0
+    assert plan.rows_per_call(_load("experiments/configs/sft.py:7b")) == 0
 
 
 @pytest.fixture(scope="module")
@@ -220,9 +268,9 @@ def tiny_rft_engine(tmp_path_factory):
 
     tok_dir = str(tmp_path_factory.mktemp("tok"))
     make_tokenizer(tok_dir)
-    cfg = plan.load_config(os.path.join(ROOT, "experiments/configs/rft.py:tiny"))
-    plan.apply_overrides(cfg, ["data.batch_size=18", "samples_per_prompt=4",
-                               f"tokenizer={tok_dir!r}"])
+    cfg = _load("experiments/configs/rft.py:tiny", "--config.data.batch_size=18",
+                "--config.samples_per_prompt=4", f"--config.tokenizer={tok_dir}")
+    assert cfg.tokenizer == tok_dir
     cfg.model = model_config.Qwen25VLConfig.from_configdict(cfg.model)
     tok = plan.plan_tokenizer(cfg)  # as make_plan: the model's vision ids follow the tokenizer
     assert cfg.model.image_token_id == tok.token_to_id("<|image_pad|>")
@@ -265,15 +313,15 @@ def test_planner_shapes_are_the_engines(tiny_rft_engine):
 
 def test_response_length_estimate_is_an_upper_bound(tiny_rft_engine):
     cfg, _, _, engine, _ = tiny_rft_engine
-    assert plan.plan_tokenizer(plan.apply_overrides(cfg.copy_and_resolve_references(),
-                                                    ["tokenizer=''"])) is None
+    assert plan.plan_tokenizer(cli.override_config(cfg.copy_and_resolve_references(),
+                                                   ["--config.tokenizer="])) is None
     est = plan.rollout_shapes(cfg)  # no tokenizer
     assert est == dataclasses.replace(engine.shapes, response_len=est.response_len)
     assert est.response_len >= engine.resp_len
 
 
 def test_unknown_program_is_refused_before_compiling():
-    cfg = plan.load_config(os.path.join(ROOT, "experiments/configs/grpo.py:tiny"))
+    cfg = _load("experiments/configs/grpo.py:tiny")
     with pytest.raises(plan.PlanError, match="unknown programs"):
         plan.make_plan(cfg, plan.get_topology("v5e-4"), programs=("learner", "bogus"))
 
@@ -306,7 +354,7 @@ def test_cli_subprocess_without_libtpu():
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not importable: install the tpu extra "
                     "(`bash experiments/launch/setup_env.sh tpu`) to AOT-compile for TPU")
 def test_aot_plan_tiny_on_v5e_2x2():
-    cfg = plan.load_config(os.path.join(ROOT, "experiments/configs/grpo.py:tiny"))
+    cfg = _load("experiments/configs/grpo.py:tiny")
     header, plans, tips = plan.make_plan(cfg, plan.get_topology("v5e-4"))
     assert header["mesh"] == "data=4, fsdp=1, tensor=1"
     assert [p.name for p in plans] == ["learner (grpo)", "rollout prefill", "rollout decode"]
@@ -324,7 +372,7 @@ def test_aot_plan_tiny_on_v5e_2x2():
                     "(`bash experiments/launch/setup_env.sh tpu`) to AOT-compile for TPU")
 def test_aot_rft_rollout_rows_on_v5e_2x2():
     # the tiny RFT config: 8 pairs per batch, 4 samples each: 2 prompts x 4 = 8 rows per call
-    cfg = plan.load_config(os.path.join(ROOT, "experiments/configs/rft.py:tiny"))
+    cfg = _load("experiments/configs/rft.py:tiny")
     _, plans, _ = plan.make_plan(cfg, plan.get_topology("v5e-4"), programs=("decode",))
     assert [p.name for p in plans] == ["rollout decode"]
     assert plans[0].shape.startswith("8 rows x 1 tok") and plans[0].fits
@@ -336,7 +384,7 @@ def test_aot_rft_rollout_rows_on_v5e_2x2():
 def test_multislice_mesh_splits_physical_axes():
     # fsdp 64 x tensor 4 per 16x16 slice is no product of whole torus axes: the hybrid mesh
     # must split them (it raised NotImplementedError before)
-    cfg = plan.load_config(os.path.join(ROOT, "experiments/configs/grpo.py:7b"))
+    cfg = _load("experiments/configs/grpo.py:7b")
     topo = plan.get_topology("2xv5e-256")
     mesh = plan.mesh_for(cfg, plan.topology_devices(topo), topo.num_slices)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 64, "tensor": 4}
@@ -530,10 +578,17 @@ def test_eval_cli_analytic(capsys):
         "GenAI-Bench video (1,069 rows)") < header.index("MJ-Bench-Video (500 rows)")
     assert "no libtpu compile" in out
     for bad, msg in ((["--video-size", "480by832"], "--video-size"),
-                     (["--rows", "nope=3"], "--rows"), (["--preset", "no-such"], "--preset")):
+                     (["--rows", "nope=3"], "--rows"), (["--preset", "no-such"], "--preset"),
+                     (["--config.sampling.nope=1"], "--config.sampling.nope"),
+                     (["--config.trajectory.turns=four"], "--config.trajectory.turns")):
         assert plan.main(["--eval-rollout", "--topology", "v6e-1", *bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0]
+    # the CLI's overrides reach the eval config (after its shortcuts)
+    assert plan.main(["--eval-rollout", "--topology", "v6e-1", "--turns", "3",
+                      "--config.sampling.prefill_chunk=1024", "--config.trajectory.turns=2"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill_chunk 1024;" in out and "2 turns x 300 generated tokens" in out
 
 
 @pytest.mark.slow

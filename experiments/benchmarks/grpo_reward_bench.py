@@ -5,7 +5,8 @@ pretraining phase such as `pretrain_calls`), optionally followed by `--sft-steps
 demo's cold-start SFT (a policy that knows the format but not yet every defect: room to learn),
 on that run's synthetic needle data and tokenizer, and runs `--steps` GRPO steps (G rollouts
 per training prompt, group-normalised advantages, clipped ratio, k3 KL) with the demo's GRPO
-settings unless overridden.
+settings unless overridden: the arguments below, and any field of the GRPO stage config with
+`--config.FIELD=VALUE` (as `experiments/train.py` takes it), applied last.
 
 The per-step training reward depends on which prompts a step draws, so the policy is also
 scored on a fixed set of `--eval-prompts` training prompts (`--eval-samples` each, at the
@@ -17,11 +18,11 @@ format parts), the per-step training reward and update metrics, the mean of the 
 
     python -m experiments.demo --out /tmp/demo              # writes /tmp/demo/<stage>/checkpoints
     python experiments/benchmarks/grpo_reward_bench.py --demo-dir /tmp/demo --steps 16
-    # the README's 64-step runs (add --set seed=1 for the second)
+    # the README's 64-step runs (add --config.seed=1 for the second)
     python experiments/benchmarks/grpo_reward_bench.py --demo-dir /tmp/demo \
         --from pretrain_calls --sft-steps 100 --train-prompts 8 --eval-prompts 8 \
         --eval-samples 16 --prompts 8 --group 4 --steps 64 --window 8 --lr 3e-5 \
-        --set optimizer.warmup_steps=10
+        --config.optimizer.warmup_steps=10
 
 Nothing here reads the held-out split: prompts come from the run's training pairs.
 """
@@ -49,7 +50,10 @@ def _slope(ys: list[float]) -> float:
 
 def add_start_args(p: argparse.ArgumentParser) -> None:
     """The arguments that pick the starting policy and the GRPO settings (shared with
-    grpo_step_probe.py)."""
+    grpo_step_probe.py); `parse_start_args` parses them with the config overrides."""
+    p.epilog = ("Any field of the GRPO stage config is overridden with --config.FIELD=VALUE\n"
+                "(repeatable; applied after the arguments above), e.g.\n"
+                "--config.optimizer.eps=1e-6 --config.grpo.inner_updates=2")
     p.add_argument("--demo-dir", required=True, help="a finished `experiments.demo` --out dir")
     p.add_argument("--from", dest="stage", default="sft",
                    help="start from this stage's checkpoint (sft, rft, pretrain_calls, ...)")
@@ -63,13 +67,21 @@ def add_start_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.0, help="learning rate (0 = the demo's)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = the demo's")
     p.add_argument("--workdir", default="", help="GRPO checkpoints (default: a temp dir)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the GRPO stage config, e.g. optimizer.eps=1e-6 "
-                        "or grpo.inner_updates=2 (repeatable)")
 
 
 class StartError(Exception):
-    """A missing demo run or a bad override: printed as one line, exit status 2."""
+    """A missing demo run, an unknown argument or a bad override: printed as one line, exit
+    status 2."""
+
+
+def parse_start_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """p's arguments, with the `--config.FIELD=VALUE` overrides of the GRPO stage config in
+    args.overrides; any other unknown argument raises StartError."""
+    from vrthinker_jax import cli
+
+    args, extra = p.parse_known_args(argv)
+    args.overrides = cli.split_config_overrides(extra, StartError)
+    return args
 
 
 def start(args, steps: int):
@@ -78,49 +90,45 @@ def start(args, steps: int):
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
-    from experiments import demo as demo_lib
     from experiments.configs import grpo as grpo_cfgs
     from experiments.configs import sft as sft_cfgs
+    from experiments.demo import data as data_lib
+    from experiments.demo import runs, stages
     from vrthinker_jax import cli
     from vrthinker_jax.train import runtime, sft
 
     try:
-        res, demo, tok, ckpt_dir = demo_lib.open_run(args.demo_dir, args.stage)
+        res, demo, tok, ckpt_dir = runs.open_run(args.demo_dir, args.stage)
     except FileNotFoundError as e:
         raise StartError(str(e)) from None
     g = demo.grpo
     data_dir = os.path.join(args.demo_dir, "data")
-    train_pairs = demo_lib._read_jsonl(os.path.join(data_dir, "train.jsonl"))
-    banks = demo_lib.load_banks(train_pairs, data_dir, int(demo.protocol.num_candidates),
+    train_pairs = data_lib.read_jsonl(os.path.join(data_dir, "train.jsonl"))
+    banks = data_lib.load_banks(train_pairs, data_dir, int(demo.protocol.num_candidates),
                                 demo.frame_size)
-    records = [{"id": r["id"], "prompt": r["prompt"],
-                "labels": {k: int(r[k]) for k in demo_lib.LABEL_KEYS}} for r in train_pairs]
+    records = [data_lib.label_record(r) for r in train_pairs]
     lengths = res["lengths"]
-    sampling = dict(max_len=int(lengths["max_len"]), max_new_tokens=int(demo.eval.max_new_tokens),
-                    max_turn_tokens=int(demo.eval.max_turn_tokens),
-                    prompt_buckets=(demo_lib._round_up(int(lengths["prompt_max"]), 64),),
+    sampling = dict(data_lib.rollout_sampling(demo, lengths),
                     temperature=args.temperature or float(g.temperature))
     prompts_per_step = args.prompts or int(g.prompts_per_step)
-    cfg = demo_lib.stage_config(grpo_cfgs, demo, tok, protocol=demo.protocol.to_dict(),
-                                steps=steps, batch_size=prompts_per_step,
-                                lr=args.lr or float(g.lr), seq_len=int(lengths["max_len"]),
-                                warmup=1, sampling=sampling)
+    cfg = stages.stage_config(grpo_cfgs, demo, tok, protocol=demo.protocol.to_dict(),
+                              steps=steps, batch_size=prompts_per_step,
+                              lr=args.lr or float(g.lr), seq_len=int(lengths["max_len"]),
+                              warmup=1, sampling=sampling)
     cfg.grpo.update(dict(group_size=args.group or int(g.group_size),
                          prompts_per_step=prompts_per_step, kl_coef=float(g.kl_coef)))
     cfg.progress = False
-    try:
-        cli.apply_overrides(cfg, args.set)
-    except cli.CliError as e:
-        raise StartError(str(e)) from None
+    # the config is built here, not read from a file: its overrides apply to it in memory
+    cli.override_config(cfg, args.overrides, StartError)
     rt = runtime.setup(cfg, tok)
-    rt.params = demo_lib.restore_params(ckpt_dir, cfg, rt)
+    rt.params = runs.restore_params(ckpt_dir, cfg, rt)
     if args.sft_steps > 0:
         s = demo.sft
-        scfg = demo_lib.stage_config(sft_cfgs, demo, tok, protocol=demo.protocol.to_dict(),
-                                     steps=args.sft_steps, batch_size=s.batch_size, lr=s.lr,
-                                     seq_len=int(lengths["seq_len"]), warmup=s.warmup_steps)
+        scfg = stages.stage_config(sft_cfgs, demo, tok, protocol=demo.protocol.to_dict(),
+                                   steps=args.sft_steps, batch_size=s.batch_size, lr=s.lr,
+                                   seq_len=int(lengths["seq_len"]), warmup=s.warmup_steps)
         scfg.progress = False
-        traces = demo_lib._read_jsonl(os.path.join(data_dir, "cot_train.jsonl"))
+        traces = data_lib.read_jsonl(os.path.join(data_dir, "cot_train.jsonl"))
         srt = runtime.setup(scfg, tok, model=rt.model(rt.params))
         ds = sft.in_memory_dataset(scfg, traces, [banks[t["id"]] for t in traces], tok, srt)
         work = args.workdir or tempfile.mkdtemp(prefix="grpo_warm_")
@@ -168,17 +176,17 @@ def main(argv=None) -> int:
                         "itself, free of the draw of prompts")
     p.add_argument("--steps", type=int, default=16, help="GRPO steps (rollout batches)")
     p.add_argument("--window", type=int, default=4, help="steps averaged at each end")
-    args = p.parse_args(argv)
-
-    import jax
-
-    from vrthinker_jax.train import grpo, rollouts
 
     try:
+        args = parse_start_args(p, argv)
         cfg, rt, tok, demo, records, banks = start(args, args.steps)
     except StartError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import jax
+
+    from vrthinker_jax.train import grpo, rollouts
+
     prompts_per_step, group = int(cfg.grpo.prompts_per_step), int(cfg.grpo.group_size)
     temperature = float(cfg.sampling.temperature)
     work = args.workdir or tempfile.mkdtemp(prefix="grpo_reward_")
@@ -210,7 +218,7 @@ def main(argv=None) -> int:
         "prompts_per_step": prompts_per_step,
         "group_size": group, "lr": float(cfg.optimizer.lr), "temperature": temperature,
         "kl_coef": float(cfg.grpo.kl_coef), "warmup_steps": int(cfg.optimizer.warmup_steps),
-        "inner_updates": int(cfg.grpo.inner_updates), "set": args.set,
+        "inner_updates": int(cfg.grpo.inner_updates), "overrides": args.overrides,
         "fixed_prompts": len(fixed), "fixed_samples": eval_samples, "fixed_before": before,
         "fixed_after": after,
         "fixed_rise": (round(after["total"] - before["total"], 4) if fixed else None),

@@ -1,7 +1,7 @@
 """Ahead-of-time fit planner: compiles the learner and rollout steps for a TPU topology on a CPU.
 
     python -m vrthinker_jax.tools.plan --config experiments/configs/grpo.py:7b --topology v5p-64 \
-        [--out plan.md] [--set optimizer.accum_steps=8 --set mesh.ici.tensor=4 ...]
+        [--out plan.md] [--config.optimizer.accum_steps=8 --config.mesh.ici.tensor=4 ...]
 
 With `jax[tpu]` (libtpu) installed, `jax.experimental.topologies` describes the TPU slice (or
 slices) without any TPU attached; the planner builds the model abstractly (`nnx.eval_shape`: no
@@ -36,7 +36,7 @@ The eval rollout of a published checkpoint on small runtimes (Colab's v2-8, v5e-
 
     python -m vrthinker_jax.tools.plan --eval-rollout [--preset vr-thinker] [--size 7b] \
         [--topology v2-8,v5e-1,v6e-1] [--video-size 480x832] [--turn-tokens 300] [--turns 4] \
-        [--rows mjbench_video=N] [--set sampling.prefill_chunk=512 ...] [--compile]
+        [--rows mjbench_video=N] [--config.sampling.prefill_chunk=512 ...] [--compile]
 
 walks one benchmark row through the preset's loop (prompt, turns, tool responses, the release's
 truncate-and-re-prefill memory rule), then per runtime finds the rows per engine call that fit
@@ -57,9 +57,6 @@ import math
 import os
 import sys
 import time
-
-from absl import flags
-from ml_collections import config_flags
 
 from vrthinker_jax import cli
 
@@ -251,14 +248,14 @@ def _layers(model_cfg, layers):
 def attention_trips(model_cfg, q_len: int) -> int:
     """Iterations of the query-chunk loop in each decoder attention (`model.attn_query_chunk`);
     XLA's cost analysis counts the loop body once."""
-    chunk = int(model_cfg.get("attn_query_chunk", 0) or 0)
+    chunk = int(model_cfg.attn_query_chunk)
     return math.ceil(q_len / chunk) if 0 < chunk < q_len else 1
 
 
 def head_trips(model_cfg, seq: int) -> int:
     """Iterations of the loss's vocabulary-projection loop (`model.lm_head_chunk`) over the
     seq - 1 predicted positions; XLA's cost analysis counts the loop body once."""
-    chunk = int(model_cfg.get("lm_head_chunk", 0) or 0)
+    chunk = int(model_cfg.lm_head_chunk)
     return math.ceil((seq - 1) / chunk) if 0 < chunk < seq - 1 else 1
 
 
@@ -451,23 +448,19 @@ def _learner_tips(p: StepPlan, ctx: dict, need: int) -> list[str]:
     """What cuts a learner step that is `need` x too large."""
     tips = []
     if not ctx.get("remat"):
-        tips.append("set model.remat=True (recompute blocks in the backward pass)")
+        tips.append("recompute blocks in the backward pass (--config.model.remat=True)")
     accum = ctx.get("accum", 1)
     max_accum = ctx.get("max_accum", accum * need)  # micro-batch >= the batch shards
     if p.temp_bytes > p.argument_bytes and accum < max_accum:
-        tips.append(f"cut the learner micro-batch (--set optimizer.accum_steps="
+        tips.append(f"cut the learner micro-batch (--config.optimizer.accum_steps="
                     f"{min(accum * need, max_accum)}: activations scale with it)")
     if p.argument_bytes > 0.3 * p.hbm_bytes:
         tips.append("shard the state over more chips (mesh.ici.fsdp; keep "
-                    "data=1) or keep Adam moments in bf16 (optimizer.state_dtype=param)")
-    chunk = ctx.get("attn_chunk")
-    if chunk is None:
-        tips.append("the dense [seq, seq] attention scores dominate long rows: the "
-                    "model needs query-chunked (or splash) attention")
-    elif not chunk:
-        tips.append("chunk the attention scores (--set model.attn_query_chunk=2048)")
+                    "data=1) or keep Adam moments in bf16 (--config.optimizer.state_dtype=param)")
+    if not ctx.get("attn_chunk"):
+        tips.append("chunk the attention scores (--config.model.attn_query_chunk=2048)")
     if not ctx.get("lm_head_chunk"):
-        tips.append("project the loss's logits in chunks (--set model.lm_head_chunk=2048)")
+        tips.append("project the loss's logits in chunks (--config.model.lm_head_chunk=2048)")
     return tips
 
 
@@ -480,8 +473,8 @@ def _rollout_tip(ctx: dict, need: int) -> str:
         knob = f"data.batch_size={max(k, fewer // k * k)}"
     else:
         knob = f"grpo.rollout_batch={fewer}"
-    return (f"roll out fewer rows per engine call (--set {knob}), a bf16 KV cache (--set "
-            "sampling.cache_dtype=bfloat16), or more chips on the batch axes")
+    return (f"roll out fewer rows per engine call (--config.{knob}), a bf16 KV cache "
+            "(--config.sampling.cache_dtype=bfloat16), or more chips on the batch axes")
 
 
 def render_markdown(header: dict, plans: list[StepPlan], tips: list[str]) -> str:
@@ -501,31 +494,9 @@ def render_markdown(header: dict, plans: list[StepPlan], tips: list[str]) -> str
 # --------------------------------------------------------------------------- config loading
 
 
-def load_config(spec: str):
-    """'path/to/config.py[:arg]' -> the ConfigDict its `get_config(arg)` returns, loaded by
-    ml_collections' config-file parser as `experiments/train.py --config` loads it. Stage
-    configs import `experiments.configs`: run from the repository root (as every command in
-    the README is)."""
-    path = spec.partition(":")[0]
-    if not os.path.isfile(path):
-        raise PlanError(f"--config: no such file {path!r}")
-    fv = flags.FlagValues()  # the planner's own: its CLI is argparse, not absl's
-    config_flags.DEFINE_config_file("config", None, "stage config file[:size]", flag_values=fv)
-    try:
-        fv(["plan", f"--config={spec}"])
-        return fv.config
-    except ImportError as e:
-        raise PlanError(f"--config {spec}: {e} (run from the repository root)") from None
-    except (flags.Error, AttributeError) as e:
-        while e.__cause__ is not None or e.__context__ is not None:
-            e = e.__cause__ or e.__context__  # the config file's own error, not the wrapper
-        lines = [x for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
-        raise PlanError(f"--config {spec}: {lines[-1].strip()}") from None
-
-
-def apply_overrides(cfg, overrides: list[str]):
-    """`a.b.c=value` (Python literal, or a bare string) for each override."""
-    return cli.apply_overrides(cfg, overrides, PlanError)
+# A stage config comes from its file with `cli.load_config(spec, overrides, PlanError)`, as
+# `experiments/train.py --config` loads it (stage configs import `experiments.configs`: run from
+# the repository root, as every command in the README is).
 
 
 # --------------------------------------------------------------------------- compile
@@ -552,7 +523,7 @@ def mesh_for(cfg, devices, num_slices: int):
     from vrthinker_jax import sharding
 
     ici = {k: int(v) for k, v in dict(cfg.mesh.ici).items()}
-    dcn = {k: int(v) for k, v in dict(cfg.mesh.get("dcn") or {}).items()}
+    dcn = {k: int(v) for k, v in dict(cfg.mesh.dcn).items()}
     if num_slices > 1 and math.prod(dcn.values() or [1]) == 1:
         dcn = {"data": num_slices}
     elif num_slices == 1 and math.prod(dcn.values() or [1]) != 1:
@@ -643,9 +614,11 @@ def _abstract_model(model_cfg):
 
 
 def learner_batch(cfg) -> int:
-    accum = int(cfg.optimizer.get("accum_steps", 1) or 1)
+    accum = int(cfg.optimizer.accum_steps)
+    if accum < 1:
+        raise PlanError(f"optimizer.accum_steps must be >= 1, got {accum}")
     rows = (int(cfg.grpo.prompts_per_step) * int(cfg.grpo.group_size)
-            if cfg.get("stage") == "grpo" else int(cfg.data.batch_size))
+            if cfg.stage == "grpo" else int(cfg.data.batch_size))
     if rows % accum:
         raise PlanError(f"learner batch {rows} is not divisible by optimizer.accum_steps={accum}")
     return rows // accum
@@ -660,7 +633,7 @@ def plan_learner(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int) -> S
     from vrthinker_jax.train import losses, steps
 
     mcfg = cfg.model
-    kind = "grpo" if cfg.get("stage") == "grpo" else "sft"
+    kind = "grpo" if cfg.stage == "grpo" else "sft"
     b, s, f = learner_batch(cfg), int(cfg.data.seq_len), int(cfg.data.max_frames)
     multiple = sharding.batch_size_multiple(mesh)
     if b % multiple:
@@ -853,7 +826,7 @@ def _prefill_plan(mcfg, p: RolloutPrograms, compiled, chip: Chip, n_chips: int, 
     pkw = dict(batch=b, seg_len=r, kv_len=kv, frames=nf, frame_size=(h, w))
     trips = attention_trips(mcfg, r)
     how = ("measured with the tokenizer" if p.measured
-           else "estimated; --set tokenizer=PATH measures it")
+           else "estimated; --config.tokenizer=PATH measures it")
     return _step_plan(
         "rollout prefill", f"{b} x {r} tok, {nf} frames; KV {kv}", compiled,
         prefill_flops(mcfg, **pkw), chip, n_chips, t0,
@@ -874,7 +847,7 @@ def plan_tokenizer(cfg):
     """The stage's tokenizer (`cfg.tokenizer`, as training loads it, with the model's vision
     token ids aligned to it), or None when the config names none: the plan then estimates the
     tool-response length."""
-    if not cfg.get("tokenizer"):
+    if not cfg.tokenizer:
         return None
     from data_pipelines.tokenizer import load_tokenizer
     from vrthinker_jax.train import runtime
@@ -919,7 +892,7 @@ def plan_header(cfg, topo: Topology, mesh, plans: list[StepPlan]) -> dict:
     slices = f" x {topo.num_slices} slices" if topo.num_slices > 1 else ""
     counts = param_counts(cfg.model)
     return {
-        "config": f"{cfg.get('stage', '?')}:{cfg.get('size', '?')}",
+        "config": f"{cfg.stage}:{cfg.size}",
         "topology": f"{topo.name} ({topo.jax_name}{slices}, {len(mesh.devices.flat)} chips, "
                     f"{topo.chip.hbm_bytes / GIB:.0f} GiB HBM, "
                     f"{topo.chip.peak_flops / 1e12:.0f} bf16 TFLOP/s, "
@@ -939,10 +912,10 @@ def tips_context(cfg, mesh) -> dict:
     from vrthinker_jax import sharding
 
     return {"remat": bool(cfg.model.remat), "accum": int(cfg.optimizer.accum_steps),
-            "stage": cfg.get("stage"), "rollout_batch": rows_per_call(cfg),
+            "stage": cfg.stage, "rollout_batch": rows_per_call(cfg),
             "samples_per_prompt": int(cfg.samples_per_prompt) if cfg.stage == "rft" else 1,
-            "attn_chunk": cfg.model.get("attn_query_chunk"),
-            "lm_head_chunk": cfg.model.get("lm_head_chunk"),
+            "attn_chunk": int(cfg.model.attn_query_chunk),
+            "lm_head_chunk": int(cfg.model.lm_head_chunk),
             "max_accum": learner_batch(cfg) * int(cfg.optimizer.accum_steps)
             // sharding.batch_size_multiple(mesh)}
 
@@ -1027,7 +1000,8 @@ DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 
 def eval_rollout_config(size: str = "7b", preset: str = "vr-thinker"):
     """The eval rollout the planner costs: rows of a published checkpoint's protocol run by the
-    engine with bf16 weights and a bf16 KV cache. Every knob can be changed with --set."""
+    engine with bf16 weights and a bf16 KV cache. Every knob can be changed with
+    --config.KEY=VALUE (`cli.override_config`)."""
     import ml_collections
 
     from vrthinker_jax.models import config as model_config
@@ -1252,7 +1226,7 @@ def insert_activation_bytes(model_cfg, p: Prefill, *, rows: int, tensor: int, pr
                        + patches * (4 * patch_dim + 4 * v.hidden_size * bf
                                     + 3 * v.intermediate_size * bf // vs))
     c = prefill_chunk if 0 < prefill_chunk < p.static else p.static
-    q = int(model_cfg.get("attn_query_chunk", 0) or 0)
+    q = int(model_cfg.attn_query_chunk)
     q = min(q, c) if q > 0 else c
     ts = tensor if t.num_attention_heads % tensor == 0 else 1
     visual_tokens = p.groups * patches // v.spatial_merge_size ** 2
@@ -1315,7 +1289,7 @@ def eval_call_seconds(model_cfg, traj: Trajectory, *, rows: int, topo: Topology,
     kvs = mesh["tensor"] if model_cfg.text.num_key_value_heads % mesh["tensor"] == 0 else 1
     slot = kv_cache_bytes(model_cfg, batch=1, slots=1,
                           dtype_bytes=DTYPE_BYTES[sc.cache_dtype]) / kvs
-    c, q = int(sc.prefill_chunk), int(model_cfg.get("attn_query_chunk", 0) or 0)
+    c, q = int(sc.prefill_chunk), int(model_cfg.attn_query_chunk)
     out = {}
     for p in traj.prefills:
         chunked = 0 < c < p.static
@@ -1563,7 +1537,7 @@ def render_eval_markdown(cfg, traj: Trajectory, plans: list[EvalPlan], source: s
              + f"{traj.peak} cache slots at the end ({traj.stop})",
              f"- engine: KV cache {kv} + {traj.scratch} scratch slots per row, "
              f"{sc.cache_dtype}; prefill_chunk {sc.prefill_chunk}; attn_query_chunk "
-             f"{mcfg.get('attn_query_chunk', 0)}; greedy; the vision tower encodes "
+             f"{mcfg.attn_query_chunk}; greedy; the vision tower encodes "
              + (f"{sc.vision_frames_per_pass} frame(s) per pass (the preset engine: one image "
                 "or video group at a time)" if int(sc.vision_frames_per_pass)
                 else "an insert's frames at once"),
@@ -1632,15 +1606,17 @@ def run_eval_plan(cfg, topos: list[Topology], *, compile_programs: bool = False
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m vrthinker_jax.tools.plan",
-                                 description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m vrthinker_jax.tools.plan", description=__doc__.split("\n\n")[0],
+        epilog="Any field of the config is overridden with --config.FIELD=VALUE (as "
+               "experiments/train.py takes it), e.g. --config.optimizer.accum_steps=8 "
+               "--config.mesh.ici.tensor=4; with --eval-rollout, of the eval config, e.g. "
+               "--config.sampling.prefill_chunk=1024 --config.trajectory.turns=3.")
     ap.add_argument("--config", default="", help="experiments/configs/<stage>.py:<size>")
     ap.add_argument("--topology", default="",
                     help=f"one of {', '.join(TOPOLOGIES)}; --eval-rollout: a comma list, "
                          f"default 'colab' = {','.join(COLAB_RUNTIMES)}")
     ap.add_argument("--out", default="", help="write the Markdown plan here (appends)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override, e.g. --set optimizer.accum_steps=8")
     ap.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16"),
                     help="rollout KV-cache dtype (default: the config's sampling.cache_dtype)")
     ap.add_argument("--only", default=",".join(PROGRAMS),
@@ -1681,7 +1657,8 @@ def _no_libtpu() -> int:
 
 
 def eval_config_from_args(args):
-    """The eval-rollout config with the CLI's shortcuts and --set overrides applied."""
+    """The eval-rollout config with the CLI's shortcuts and then its --config.KEY=VALUE
+    overrides (args.overrides) applied."""
     cfg = eval_rollout_config(args.size, args.preset)
     tc = cfg.trajectory
     if args.video_size:
@@ -1701,7 +1678,7 @@ def eval_config_from_args(args):
             raise PlanError(f"--rows {item!r}: expected NAME=N with NAME one of "
                             f"{', '.join(BENCHMARK_ROWS)}")
         cfg.benchmarks[name] = int(n)
-    return apply_overrides(cfg, args.set)
+    return cli.override_config(cfg, args.overrides, PlanError)
 
 
 def _eval_main(args) -> int:
@@ -1721,8 +1698,20 @@ def _eval_main(args) -> int:
     return 0 if all(p.rows for p in plans) else 3
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The CLI's arguments; its `--config.KEY=VALUE` overrides in args.overrides (anything
+    else unknown is a PlanError)."""
+    args, extra = _parser().parse_known_args(argv)
+    args.overrides = cli.split_config_overrides(extra, PlanError)
+    return args
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except PlanError as e:
+        print(f"plan: {e}", file=sys.stderr)
+        return 2
     if args.eval_rollout:
         return _eval_main(args)
     try:
@@ -1732,8 +1721,10 @@ def main(argv=None) -> int:
         if not libtpu_available():
             return _no_libtpu()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU, run nothing on it
-        cfg = apply_overrides(load_config(args.config), args.set)
-        cache_dtype = args.cache_dtype or cfg.get("sampling", {}).get("cache_dtype", "float32")
+        cfg = cli.load_config(args.config, args.overrides, PlanError)
+        # an SFT config has no sampling block (no rollout to plan)
+        cache_dtype = args.cache_dtype or (cfg.sampling.cache_dtype if "sampling" in cfg
+                                           else "float32")
         header, plans, tips = make_plan(cfg, topo, cache_dtype=cache_dtype,
                                         programs=tuple(p for p in args.only.split(",") if p))
     except PlanError as e:

@@ -25,7 +25,8 @@ tie (0). Some pairs have no defect at all (every label 0).
 
 Outputs under --out: `videos/*.mp4`, `train.jsonl` / `heldout.jsonl` (`video_pairs` manifests),
 `cot_train.jsonl` / `cot_heldout.jsonl` (oracle `vrthinker_cot` traces: a systematic scan of the
-frames between the initial ones with `select_frames`, then the correct verdict),
+frames between the initial ones with `select_frames`, video 1's then video 2's, a verdict on each
+call's frames, then the correct answer: `oracle_turns`),
 `captions_train.jsonl` / `captions_heldout.jsonl` (a caption of every candidate frame: what the
 object looks like, where it is, any frame-wide effect), `corpus.txt` (text for training the tiny
 sentencepiece) and `info.json`.
@@ -106,21 +107,6 @@ def synthetic_config(**overrides) -> ml_collections.ConfigDict:
     # inter frames (8) and crf rate control the defect leaked into its neighbours, the initial
     # frames included (up to 22 levels), and a model shown only those scored above chance
     cd.gop = 1
-    # oracle trace wording: "verbose" (full sentences) or "terse" (the verdict first, few
-    # tokens: "Same: frames ..." / "Defect: frame ... of video ... shows ..."), which puts the
-    # decision right after the frames it depends on and keeps rows short; "describe" first
-    # describes each frame of the call in its caption's words (`frame_caption`), then gives the
-    # terse verdict, so the verdict follows from text the model wrote itself; "video" scans
-    # one video per call (its scanned frames, in time order) and states one verdict on that
-    # call's frames: "Video 2: smear." or "Video 2: clean.", for defects visible in one frame on
-    # its own (no frame of the other video is needed), then names the defect and who wins
-    # before the answer
-    cd.oracle_text = "verbose"
-    # the oracle's scan: "until_found" stops at the call that shows the defect (fewest calls);
-    # "full" makes every call and states a verdict on each, so a verdict can only come from the
-    # frames of its own call (with "until_found" the number of calls made so far predicts the
-    # verdict, a shortcut a small model learns instead of looking)
-    cd.oracle_scan = "until_found"
     # defect kinds drawn per dimension (a subset of DEFECT_KINDS' kinds)
     cd.defect_kinds = ml_collections.ConfigDict({k: v for k, v in DEFECT_KINDS.items()})
     # frame captions (`captions_<split>.jsonl`): the object's centre is named by its cell on a
@@ -177,9 +163,7 @@ class Layout:
     candidate_frames: np.ndarray  # int64 [N]: 0-based video frame of per-video candidate c - 1
     initial: list[int]  # per-video 1-based candidate numbers shown first
     scan: list[int]  # per-video candidate numbers the oracle scans, in order
-    # candidate positions per select_frames call: each shown for both videos, or (style
-    # "video") frames of one video
-    per_call: int
+    per_call: int  # candidates per select_frames call, all of one video
     gaps: list[tuple[int, int]]  # inclusive ranges of video frames a defect may occupy
 
     def candidates_in(self, frames) -> list[int]:
@@ -187,11 +171,9 @@ class Layout:
         return [c + 1 for c, f in enumerate(self.candidate_frames) if int(f) in fs]
 
 
-def make_layout(num_frames: int, pcfg: protocol.ProtocolConfig, margin: int,
-                style: str = "verbose") -> Layout:
-    """The scan covers every gap candidate if the calls can hold them (else every k-th):
-    `style` "video" spends half the calls on each video, max_frames_per_call frames each; the
-    other styles show each position for both videos, max_frames_per_call // 2 per call."""
+def make_layout(num_frames: int, pcfg: protocol.ProtocolConfig, margin: int) -> Layout:
+    """The scan covers every gap candidate if the calls can hold them (else every k-th): half
+    the calls for each video, max_frames_per_call frames each."""
     n = pcfg.num_candidates
     cand = video_lib.sample_indices(num_frames, n)
     initial = protocol.initial_frame_indices(n, pcfg.num_initial_frames)
@@ -205,12 +187,8 @@ def make_layout(num_frames: int, pcfg: protocol.ProtocolConfig, margin: int,
         c + 1 for c, f in enumerate(cand)
         if (c + 1) not in initial and any(lo <= f <= hi for lo, hi in gaps)
     ]
-    if style == "video":
-        per_call = pcfg.max_frames_per_call
-        budget = pcfg.max_tool_calls // 2 * per_call
-    else:
-        per_call = pcfg.max_frames_per_call // 2
-        budget = pcfg.max_tool_calls * per_call
+    per_call = pcfg.max_frames_per_call
+    budget = pcfg.max_tool_calls // 2 * per_call
     if not gap_cands:
         raise ValueError(
             f"synthetic: no candidate frame lies between initial frames with a margin of {margin} "
@@ -219,9 +197,8 @@ def make_layout(num_frames: int, pcfg: protocol.ProtocolConfig, margin: int,
         )
     if budget == 0:
         raise ValueError(
-            f"synthetic: oracle_text={style!r} cannot scan with max_tool_calls="
-            f"{pcfg.max_tool_calls} and max_frames_per_call={pcfg.max_frames_per_call}"
-            + (" (it needs a call per video)" if style == "video" else "")
+            f"synthetic: the oracle cannot scan with max_tool_calls={pcfg.max_tool_calls} and "
+            f"max_frames_per_call={pcfg.max_frames_per_call} (it needs a call per video)"
         )
     stride = math.ceil(len(gap_cands) / budget)
     return Layout(cand, initial, gap_cands[::stride], per_call, gaps)
@@ -229,10 +206,7 @@ def make_layout(num_frames: int, pcfg: protocol.ProtocolConfig, margin: int,
 
 def layout_for(cfg, pcfg: protocol.ProtocolConfig) -> Layout:
     """The layout a dataset of synthetic config `cfg` is generated with."""
-    style = cfg.get("oracle_text", "verbose")
-    if style not in ORACLE_STYLES:
-        raise ValueError(f"synthetic: oracle_text must be one of {ORACLE_STYLES}, got {style!r}")
-    return make_layout(cfg.frames, pcfg, cfg.margin_frames, style)
+    return make_layout(cfg.frames, pcfg, cfg.margin_frames)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -445,155 +419,69 @@ def labels_for(defect: Defect | None) -> dict[str, int]:
     return labels
 
 
-_DEFECT_TEXT = {
-    "noise": "a burst of heavy noise",
-    "blur": "a sudden blur",
-    "teleport": "the {shape} jumping sideways off its path",
-    "stall": "the {shape} jumping back to an earlier position",
-    "colour": "the {shape} turning {alt} instead of {colour}",
-    "shape": "a {alt} instead of a {shape}",
-    "dropout": "a flat block where part of the frame was lost",
-    "smear": "the {shape} smeared into a streak across the frame",
-    "missing": "no {shape} at all",
-}
-
-
-def _frames_text(frames) -> str:
-    return ", ".join(str(f) for f in frames)
-
-
-ORACLE_STYLES = ("verbose", "terse", "describe", "video")
-# one word per kind for the "video" verdicts
+# one word per defect kind: what the oracle's verdicts and its final think name
 KIND_WORD = {"noise": "noise", "blur": "blur", "teleport": "jump", "stall": "stall",
              "colour": "colour", "shape": "shape", "dropout": "dropout", "smear": "smear",
              "missing": "missing"}
 
-_DEFECT_WORD = {"noise": "noise", "blur": "blur", "teleport": "a jump", "stall": "a stall",
-                "colour": "the wrong colour", "shape": "the wrong shape",
-                "dropout": "a dropout", "smear": "a smear", "missing": "a missing object"}
-
 
 def video_verdict(video: int, kind: str | None) -> str:
-    """The "video" oracle's verdict on frames of one video: the defect kind they show (None =
-    none): "Video 2: smear." / "Video 2: clean."."""
+    """The oracle's verdict on frames of one video: the defect kind they show (None = none):
+    "Video 2: smear." / "Video 2: clean."."""
     return f"Video {video}: {'clean' if kind is None else KIND_WORD[kind]}."
 
 
-def oracle_turns(
-    scene: Scene, defect: Defect | None, labels: dict[str, int], layout: Layout,
-    pcfg: protocol.ProtocolConfig, style: str = "verbose", scan: str = "until_found",
-    cfg=None,
-) -> list[dict]:
-    """A systematic scan of the frames between the initial ones (both videos, in time order),
-    then the verdict. `style`: see `oracle_text`; `scan`: see `oracle_scan` ("until_found"
-    stops once the defect has been seen, "full" makes every call and judges each); cfg: the
-    synthetic config the pair was rendered with (needed by "describe")."""
-    if style not in ORACLE_STYLES:
-        raise ValueError(f"synthetic: oracle_text must be one of {ORACLE_STYLES}, got {style!r}")
-    if scan not in ("until_found", "full"):
-        raise ValueError(f"synthetic: oracle_scan must be 'until_found' or 'full', got {scan!r}")
-    if style == "describe" and cfg is None:
-        raise ValueError("synthetic: oracle_text='describe' needs the synthetic config")
-    describe = style == "describe"
-    by_video = style == "video"
-    terse = style in ("terse", "describe", "video")
-    n = pcfg.num_candidates
+def _scan_calls(layout: Layout, n: int) -> list[tuple[int, list[int], list[int]]]:
+    """(video, per-video candidates, global frame numbers) of each select_frames call: video 1's
+    scanned candidates, then video 2's, `layout.per_call` a call (`make_layout` sized the scan
+    so that these calls fit max_tool_calls)."""
+    pieces = [layout.scan[i:i + layout.per_call]
+              for i in range(0, len(layout.scan), layout.per_call)]
+    return [(v, p, [(v - 1) * n + c for c in p]) for v in (1, 2) for p in pieces]
+
+
+def _final_think(defect: Defect | None, said: dict[int, str]) -> str:
+    """Both videos' verdicts again, then the decision right after them: each step of the answer
+    depends on text just written (a tiny model learned the tie case only so). `said`: video ->
+    the word its calls gave ("clean" or the defect's `KIND_WORD`)."""
+    both = ", ".join(f"video {v} {w}" for v, w in sorted(said.items()))
+    return both[0].upper() + both[1:] + (
+        ": a tie." if defect is None else
+        f": {defect.dimension} and OA go to video {3 - defect.video}.")
+
+
+def oracle_turns(defect: Defect | None, layout: Layout,
+                 pcfg: protocol.ProtocolConfig) -> list[dict]:
+    """The oracle trace of a pair with `defect` (None = none): every call of the scan
+    (`_scan_calls`), each followed by a verdict on that call's frames alone (`video_verdict`),
+    then the final turn with `labels_for(defect)`.
+
+    One video per call: the verdict is about the frames just returned, of one video, and the
+    demo's defects show in one frame on their own. Verdicts over both videos at once failed:
+    one per call (the SFT verdicts ignored the pixels), a caption per frame (the model copied
+    video 1's captions for video 2), one per moment of both videos (which video is off cannot
+    be told from two frames for a colour change or a jump). Every call is made even after the
+    defect was seen: stopping there lets a small model predict the verdict from the number of
+    calls so far instead of looking."""
     hits = set(layout.candidates_in(defect.frames)) if defect is not None else set()
-    pieces = [layout.scan[i:i + layout.per_call] for i in range(0, len(layout.scan),
-                                                                  layout.per_call)]
-    # each call: (per-video candidates, the video it shows (0 = both), global frame numbers)
-    if by_video:
-        calls = [(p, v, [(v - 1) * n + c for c in p]) for v in (1, 2) for p in pieces]
-    else:
-        calls = [(p, 0, list(p) + [n + c for c in p]) for p in pieces]
-    calls = calls[: pcfg.max_tool_calls]
+    labels = labels_for(defect)
     tie = {k: 0 for k in protocol.LABEL_KEYS}
-
-    def captions(frames) -> str:
-        out = []
-        for g in frames:
-            video, c = (1, g) if g <= n else (2, g - n)
-            d = defect if defect is not None and defect.video == video else None
-            t = int(layout.candidate_frames[c - 1])
-            out.append(f"Frame {g}: {frame_caption(scene, cfg, d, t)}")
-        return " ".join(out) + " "
-
-    def shows_defect(chunk, video) -> bool:
-        return bool(hits & set(chunk)) and video in (0, defect.video)
-
-    def verdict(chunk, video, frames) -> str:
-        """What the frames of one call show (the next turn's synthesis)."""
-        if by_video:
-            return video_verdict(video, defect.kind if shows_defect(chunk, video) else None)
-        if describe:
-            seen = sorted(hits & set(chunk))
-            if not seen:
-                return captions(frames) + "Same."
-            bad = [(0 if defect.video == 1 else n) + c for c in seen]
-            return (captions(frames) + f"Defect: frames {_frames_text(bad)} of video "
-                    f"{defect.video} show {_DEFECT_WORD[defect.kind]}.")
-        seen = sorted(hits & set(chunk))
-        if not seen:
-            return (f"Same: frames {_frames_text(frames)}." if terse else
-                    f"Frames {_frames_text(frames)}: the two videos look the same.")
-        bad = [(0 if defect.video == 1 else n) + c for c in seen]
-        if terse:
-            return (f"Defect: frames {_frames_text(bad)} of video {defect.video} show "
-                    f"{_DEFECT_WORD[defect.kind]}.")
-        what = _DEFECT_TEXT[defect.kind].format(shape=scene.shape, colour=scene.colour,
-                                                alt=defect.alt)
-        return (f"Frames {_frames_text(bad)} of video {defect.video} show {what}; the same "
-                f"moments of video {3 - defect.video} are clean.")
-
-    def think(chunk, video, frames) -> str:
-        if by_video:
-            return f"Check video {video}."
-        if terse:
-            return f"Check frames {_frames_text(frames)}."
-        return ("A short defect can hide between the initial frames, so I compare frames "
-                f"{_frames_text(chunk)} of video 1 with frames {_frames_text(frames[len(chunk):])}"
-                " of video 2.")
-
     turns: list[dict] = []
-    found = False
-    seen: dict[int, str] = {}  # video -> what its calls showed ("video" style)
-    synthesis = ("Initial frames: clean." if by_video else
-                 "Same: the initial frames." if terse else
-                 f"The initial frames of both videos show a {scene.colour} {scene.shape} moving "
-                 f"{scene.direction} and look the same.")
-    for chunk, video, frames in calls:
+    said: dict[int, str] = {}
+    synthesis, found = "Initial frames: clean.", False
+    for video, cands, frames in _scan_calls(layout, pcfg.num_candidates):
         # the recommendation so far: the clean video once the defect has been seen
         turns.append({"role": "assistant", "content": protocol.format_tool_turn(
-            synthesis, think(chunk, video, frames), labels if found else tie, frames)})
+            synthesis, f"Check video {video}.", labels if found else tie, frames)})
         turns.append({"role": "tool", "frames": frames})
-        synthesis = verdict(chunk, video, frames)
-        shown = defect is not None and shows_defect(chunk, video)
-        if by_video and (shown or video not in seen):
-            seen[video] = KIND_WORD[defect.kind] if shown else "clean"
+        shown = bool(hits & set(cands)) and video == defect.video
+        synthesis = video_verdict(video, defect.kind if shown else None)
+        # a later clean call of the same video must not undo a defect an earlier one showed
+        if shown or video not in said:
+            said[video] = KIND_WORD[defect.kind] if shown else "clean"
         found = found or shown
-        if found and scan == "until_found":
-            break
-    if by_video:
-        # both videos' verdicts again, then the decision right after them: each step of the
-        # answer depends on text just written (a tiny model learned the tie case only so)
-        said = ", ".join(f"video {v} {w}" for v, w in sorted(seen.items()))
-        final_think = said[0].upper() + said[1:] + (
-            ": a tie." if defect is None else
-            f": {defect.dimension} and OA go to video {3 - defect.video}.")
-    elif defect is None:
-        final_think = ("A tie." if terse else
-                       "Every scanned frame matches between the videos: text alignment, motion "
-                       "and visual quality are the same in both videos, so they tie.")
-    elif terse:
-        final_think = f"{defect.dimension} and OA: video {3 - defect.video}."
-    else:
-        final_think = (
-            f"Video {defect.video} shows {_DEFECT_WORD[defect.kind]}: that lowers its "
-            f"{protocol.DIMENSION_NAMES[defect.dimension]}; the other dimensions are equal, so "
-            f"video {3 - defect.video} is better overall."
-        )
-    turns.append({"role": "assistant",
-                  "content": protocol.format_final_turn(synthesis, final_think, labels)})
+    turns.append({"role": "assistant", "content": protocol.format_final_turn(
+        synthesis, _final_think(defect, said), labels)})
     return turns
 
 
@@ -668,7 +556,6 @@ def generate(
     if len(named["colours"]) < (1 if named["defect_colours"] else 2):
         raise ValueError(f"synthetic: colours = {named['colours']} needs a second colour for "
                          "colour defects (or set defect_colours)")
-    style = cfg.get("oracle_text", "verbose")
     layout = layout_for(cfg, pcfg)
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     order = np.random.default_rng([seed, 1 << 30]).permutation(num_pairs)
@@ -692,8 +579,7 @@ def generate(
         traces[split].append({
             "id": pair.id, "prompt": prompt, "video_a": rel_a, "video_b": rel_b,
             "labels": dict(pair.labels), "num_candidates": pcfg.num_candidates,
-            "turns": oracle_turns(pair.scene, pair.defect, pair.labels, layout, pcfg, style,
-                                  cfg.get("oracle_scan", "until_found"), cfg),
+            "turns": oracle_turns(pair.defect, layout, pcfg),
         })
         captions[split].append({"id": pair.id, "captions": pair_captions(pair, cfg, layout)})
     paths = {}

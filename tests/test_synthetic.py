@@ -119,6 +119,8 @@ def test_labels_point_at_the_clean_video(data):
 
 
 def test_oracle_traces(data):
+    layout = synthetic.make_layout(32, PCFG, synthetic.synthetic_config().margin_frames)
+    n = PCFG.num_candidates
     for r in data["rows"]:
         trace = data["traces"][r["id"]]
         labels = {k: r[k] for k in protocol.LABEL_KEYS}
@@ -129,66 +131,15 @@ def test_oracle_traces(data):
         assert all(protocol.turn_format_ok(t) for t in assistant)
         assert protocol.parse_final_answer(assistant[-1]) == labels
         assert len(assistant) - 1 <= PCFG.max_tool_calls
+        # every pair, defect or not: video 1's scanned candidates, then video 2's
+        tools = [t["frames"] for t in trace["turns"] if t["role"] == "tool"]
+        assert tools == [layout.scan, [n + c for c in layout.scan]], r["id"]
         picked = set(protocol.frames_in(segs)) - set(protocol.initial_frames(PCFG))
         d = r["meta"]["defect"]
         if d:
             assert picked & set(d["global_frames"]), (r["id"], picked, d)
-            # the scan stops at the call that found the defect
-            last = set(trace["turns"][-2]["frames"])
-            assert last & set(d["global_frames"])
-        else:
-            assert len(assistant) - 1 == min(PCFG.max_tool_calls, 3)
-
-
-def test_terse_oracle_states_the_verdict_first(data):
-    # the same scan and labels as the verbose traces, in few tokens with the decision first
-    layout = synthetic.make_layout(32, PCFG, synthetic.synthetic_config().margin_frames)
-    for i in range(12):
-        pair, _, _ = synthetic.make_pair(i, SEED, synthetic.synthetic_config(), layout)
-        args = (pair.scene, pair.defect, pair.labels, layout, PCFG)
-        verbose = synthetic.oracle_turns(*args)
-        terse = synthetic.oracle_turns(*args, style="terse")
-        assert [t.get("frames") for t in terse] == [t.get("frames") for t in verbose]
-        assistant = [t["content"] for t in terse if t["role"] == "assistant"]
-        assert all(protocol.turn_format_ok(t) for t in assistant)
-        assert protocol.parse_final_answer(assistant[-1]) == pair.labels
-        syn = [t.split("<synthesis>")[1] for t in assistant]
-        assert all(x.startswith("Same: ") for x in syn[:-1])
-        assert syn[-1].startswith("Defect: " if pair.defect else "Same: ")
-        assert sum(map(len, assistant)) < 0.7 * sum(len(t["content"]) for t in verbose
-                                                     if t["role"] == "assistant")
-    with pytest.raises(ValueError, match="oracle_text"):
-        synthetic.oracle_turns(*args, style="short")
-
-
-def test_full_scan_oracle_judges_every_call_from_its_own_frames():
-    # oracle_scan="full": every call is made, and the verdict after a call says Defect exactly
-    # when that call's frames show the defect (no shortcut from the number of calls so far)
-    cfg = synthetic.synthetic_config()
-    layout = synthetic.make_layout(32, PCFG, cfg.margin_frames)
-    calls = min(PCFG.max_tool_calls, -(-len(layout.scan) // layout.per_call))
-    defects = 0
-    for i in range(24):
-        pair, _, _ = synthetic.make_pair(i, SEED, cfg, layout)
-        turns = synthetic.oracle_turns(pair.scene, pair.defect, pair.labels, layout, PCFG,
-                                       style="terse", scan="full")
-        assistant = [t["content"] for t in turns if t["role"] == "assistant"]
-        tools = [t["frames"] for t in turns if t["role"] == "tool"]
-        assert len(tools) == calls and len(assistant) == calls + 1
-        assert all(protocol.turn_format_ok(t) for t in assistant)
-        assert protocol.parse_final_answer(assistant[-1]) == pair.labels
-        bad = set()
-        if pair.defect is not None:
-            d = pair.defect
-            bad = {(0 if d.video == 1 else PCFG.num_candidates) + c
-                   for c in layout.candidates_in(d.frames)}
-        for frames, after in zip(tools, assistant[1:], strict=True):
-            syn = after.split("<synthesis>")[1]
-            assert syn.startswith("Defect: " if bad & set(frames) else "Same: "), (i, syn)
-        defects += pair.defect is not None
-    assert defects >= 12
-    with pytest.raises(ValueError, match="oracle_scan"):
-        synthetic.oracle_turns(pair.scene, pair.defect, pair.labels, layout, PCFG, scan="all")
+            # the call of the defect's own video shows it
+            assert set(tools[d["video"] - 1]) & set(d["global_frames"]), (r["id"], d)
 
 
 def test_defect_kinds_restrict_the_draw(tmp_path):
@@ -338,30 +289,6 @@ def test_render_unchanged_by_the_caption_refactor():
         assert np.all(patch == np.asarray(synthetic.COLOURS[fs.colour], np.uint8))
 
 
-def test_describe_oracle_captions_each_frame_then_gives_the_terse_verdict():
-    cfg = synthetic.synthetic_config(oracle_text="describe", oracle_scan="full")
-    layout = synthetic.make_layout(cfg.frames, PCFG, cfg.margin_frames)
-    for i in range(12):
-        pair, _, _ = synthetic.make_pair(i, SEED, cfg, layout)
-        caps = synthetic.pair_captions(pair, cfg, layout)
-        args = (pair.scene, pair.defect, pair.labels, layout, PCFG)
-        described = synthetic.oracle_turns(*args, style="describe", scan="full", cfg=cfg)
-        terse = synthetic.oracle_turns(*args, style="terse", scan="full")
-        assert [t.get("frames") for t in described] == [t.get("frames") for t in terse]
-        for k, turn in enumerate(described):
-            if turn["role"] != "tool":
-                continue
-            syn = described[k + 1]["content"].split("<synthesis>")[1].split("</synthesis>")[0]
-            want = " ".join(f"Frame {g}: {caps[g - 1]}" for g in turn["frames"])
-            assert syn.startswith(want + " ")
-            verdict = syn[len(want) + 1:]
-            plain = terse[k + 1]["content"].split("<synthesis>")[1].split("</synthesis>")[0]
-            assert verdict == ("Same." if plain.startswith("Same") else plain)
-        assert protocol.parse_final_answer(described[-1]["content"]) == pair.labels
-    with pytest.raises(ValueError, match="needs the synthetic config"):
-        synthetic.oracle_turns(*args, style="describe")
-
-
 SINGLE_FRAME_KINDS = {"TA": ("missing",), "MQ": ("smear",), "VQ": ("dropout",)}
 VIDEO_PCFG = protocol.ProtocolConfig(num_candidates=16, num_initial_frames=4, max_turns=3,
                                      max_frames_per_call=9, memory_window=20)
@@ -433,27 +360,31 @@ def test_colour_settings_are_checked(tmp_path):
             synthetic.generate(str(tmp_path / "x"), 2, SEED, synthetic.synthetic_config(**bad))
 
 
-def test_video_oracle_scans_one_video_per_call():
-    """oracle_text="video": video 1's scanned frames, then video 2's, one call each; the
-    verdict after a call names the defect exactly when that call's frames show it; the final
-    turn names the defect and the winner, and its answer is the labels."""
-    cfg = synthetic.synthetic_config(defect_kinds=SINGLE_FRAME_KINDS, oracle_text="video")
-    layout = synthetic.make_layout(cfg.frames, VIDEO_PCFG, cfg.margin_frames, "video")
-    n = VIDEO_PCFG.num_candidates
+@pytest.mark.parametrize("pcfg,stride", [(VIDEO_PCFG, 1), (PCFG, 2)], ids=["demo", "default"])
+def test_video_oracle_scans_one_video_per_call(pcfg, stride):
+    """Video 1's scanned frames, then video 2's, one call each, every call made whatever an
+    earlier one showed; the verdict after a call names the defect exactly when that call's
+    frames show it; the final turn names the defect and the winner, and its answer is the
+    labels. The demo's protocol scans every gap candidate; the default's (6 frames a call)
+    every other one."""
+    cfg = synthetic.synthetic_config(defect_kinds=SINGLE_FRAME_KINDS)
+    layout = synthetic.make_layout(cfg.frames, pcfg, cfg.margin_frames)
+    n = pcfg.num_candidates
     gaps = [c for c in range(1, n + 1) if c not in layout.initial
             and any(lo <= layout.candidate_frames[c - 1] <= hi for lo, hi in layout.gaps)]
-    assert layout.scan == gaps and layout.per_call == 9  # every gap candidate, one call
+    assert layout.scan == gaps[::stride] and layout.per_call == pcfg.max_frames_per_call
     found = {1: 0, 2: 0}
     for i in range(24):
         pair, _, _ = synthetic.make_pair(i, SEED, cfg, layout)
-        args = (pair.scene, pair.defect, pair.labels, layout, VIDEO_PCFG)
-        turns = synthetic.oracle_turns(*args, style="video", scan="full")
+        turns = synthetic.oracle_turns(pair.defect, layout, pcfg)
         assistant = [t["content"] for t in turns if t["role"] == "assistant"]
         tools = [t["frames"] for t in turns if t["role"] == "tool"]
         assert tools == [layout.scan, [n + c for c in layout.scan]]
         assert all(protocol.turn_format_ok(t) for t in assistant)
         assert protocol.parse_final_answer(assistant[-1]) == pair.labels
         d = pair.defect
+        if d is not None:
+            assert d.video in (1, 2) and set(layout.candidates_in(d.frames)) & set(layout.scan)
         for v, after in zip((1, 2), assistant[1:], strict=True):
             syn = after.split("<synthesis>")[1].split("</synthesis>")[0]
             word = synthetic.KIND_WORD[d.kind] if d is not None and d.video == v else "clean"
@@ -467,13 +398,7 @@ def test_video_oracle_scans_one_video_per_call():
         else:
             found[d.video] += 1
             assert think == both + f"{d.dimension} and OA go to video {3 - d.video}."
-            # scanning until found stops after video 1's call when the defect is there
-            short = synthetic.oracle_turns(*args, style="video", scan="until_found")
-            assert len([t for t in short if t["role"] == "tool"]) == d.video
-            if d.video == 1:
-                assert short[-1]["content"].split("<think>")[1].startswith(
-                    f"Video 1 {word[1]}: {d.dimension} and OA go to video 2.")
     assert found[1] and found[2]
-    one_call = protocol.ProtocolConfig(**{**VIDEO_PCFG.__dict__, "max_turns": 2})
+    one_call = protocol.ProtocolConfig(**{**pcfg.__dict__, "max_turns": 2})
     with pytest.raises(ValueError, match="a call per video"):
-        synthetic.make_layout(cfg.frames, one_call, cfg.margin_frames, "video")
+        synthetic.make_layout(cfg.frames, one_call, cfg.margin_frames)

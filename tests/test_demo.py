@@ -1,6 +1,7 @@
-"""The main job end to end (`python -m experiments.demo --quick`): every stage runs, the results
-table and JSON hold real numbers (recomputed here from the saved predictions), the held-out split
-is disjoint from everything trained on, and the TensorBoard / HTML / predictions files exist."""
+"""The main job end to end (`python -m experiments.demo` with the `quick` preset of
+experiments/configs/demo.py): every stage runs, the results table and JSON hold real numbers
+(recomputed here from the saved predictions), the held-out split is disjoint from everything
+trained on, and the TensorBoard / HTML / predictions files exist."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from vrthinker_jax.eval import metrics, predictions
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 KEYS = ("TA", "MQ", "VQ", "OA")
+QUICK = os.path.join(ROOT, "experiments", "configs", "demo.py") + ":quick"
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,8 @@ def quick_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo") / "run")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.demo", "--quick", "--no-progress", "--out", out],
+        [sys.executable, "-m", "experiments.demo", f"--config={QUICK}",
+         "--config.progress=False", "--out", out],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -104,25 +107,32 @@ def test_quick_demo_writes_tensorboard_and_html(quick_run):
 
 
 def test_demo_refuses_a_non_empty_out_dir(tmp_path, capsys):
-    from experiments import demo
+    from experiments.demo import cli
 
     (tmp_path / "x").write_text("keep me")
-    assert demo.main(["--quick", "--out", str(tmp_path)]) == 2
+    assert cli.main([f"--config={QUICK}", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "not empty" in err and (tmp_path / "x").read_text() == "keep me"
 
 
-def test_demo_rejects_an_unknown_override(tmp_path, capsys):
-    from experiments import demo
+def test_demo_rejects_an_unknown_override_or_argument(tmp_path, capsys):
+    from experiments.demo import cli
 
-    assert demo.main(["--quick", "--out", str(tmp_path / "o"), "--set", "sft.stepz=3"]) == 2
-    assert "config has no field 'stepz'" in capsys.readouterr().err
+    assert cli.main([f"--config={QUICK}", "--out", str(tmp_path / "o"),
+                     "--config.sft.stepz=3"]) == 2
+    assert "--config.sft.stepz: " in capsys.readouterr().err
+    assert cli.main(["--out", str(tmp_path / "o"), "--config.sft.steps=many"]) == 2
+    assert "--config.sft.steps=many: invalid literal" in capsys.readouterr().err
+    assert cli.main(["--out", str(tmp_path / "o"), "--set", "sft.steps=3"]) == 2
+    assert "unrecognized arguments: --set" in capsys.readouterr().err
+    assert cli.main([f"--config={QUICK[:-6]}:nope", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
 def test_demo_configs_and_direct_answer_traces():
-    from experiments import demo
     from experiments.configs import demo as demo_configs
+    from experiments.demo import data as demo
     from vrthinker_jax.rollout import protocol
 
     for preset in demo_configs.PRESETS:
@@ -222,12 +232,12 @@ def test_grpo_reward_bench_on_the_quick_demo(quick_run):
         )
 
     proc = bench("--sft-steps", "1", "--steps", "2", "--eval-prompts", "2", "--eval-samples",
-                 "3", "--train-prompts", "2", "--set", "grpo.inner_updates=2")
+                 "3", "--train-prompts", "2", "--config.grpo.inner_updates=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rep["from"] == "sft" and rep["steps"] == 2 and rep["fixed_prompts"] == 2
     assert rep["fixed_samples"] == 3 and rep["train_prompts"] == 2
-    assert rep["set"] == ["grpo.inner_updates=2"]
+    assert rep["overrides"] == ["--config.grpo.inner_updates=2"]
     assert len(rep["reward"]) == len(rep["rows_in_update"]) == len(rep["kl"]) == 2
     for part in (rep["fixed_before"], rep["fixed_after"]):
         assert 0.0 <= part["accuracy"] <= 1.0 and 0.0 <= part["format"] <= 1.0
@@ -240,8 +250,8 @@ def test_grpo_reward_bench_on_the_quick_demo(quick_run):
         if r is not None:
             assert 0.5 < r < 2.0
 
-    bad = bench("--steps", "1", "--set", "grpo.no_such_field=1")
-    assert bad.returncode == 2 and "no_such_field" in bad.stderr
+    bad = bench("--steps", "1", "--config.grpo.no_such_field=1")
+    assert bad.returncode == 2 and "has no field 'no_such_field' in grpo" in bad.stderr
 
 
 @pytest.mark.slow
@@ -277,7 +287,7 @@ def test_stage3_bench_on_the_quick_demo(quick_run, tmp_path):
     def bench(*extra):
         return subprocess.run(
             [sys.executable, "experiments/benchmarks/stage3_bench.py", "--base-dir", out,
-             "--preset", "quick", "--format-prompts", "2", "--format-samples", "2", *extra],
+             f"--config={QUICK}", "--format-prompts", "2", "--format-samples", "2", *extra],
             cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
             text=True, timeout=900,
         )
@@ -287,7 +297,7 @@ def test_stage3_bench_on_the_quick_demo(quick_run, tmp_path):
     rep = json.loads(first.stdout.strip().splitlines()[-1])
     assert rep["bench"] == "stage3" and "oa_diff_grpo" not in rep
     proc = bench("--out", str(tmp_path / "b"), "--reuse", str(tmp_path / "a"),
-                 "--set", "grpo.neg_adv_scale=0.5")
+                 "--config.grpo.neg_adv_scale=0.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep2 = json.loads(proc.stdout.strip().splitlines()[-1])
     for k in ("oa_diff_sft", "oa_diff_rft"):
@@ -297,7 +307,8 @@ def test_stage3_bench_on_the_quick_demo(quick_run, tmp_path):
     for k in ("format_before_grpo", "format_after_grpo"):
         assert 0.0 <= rep2[k] <= 1.0
     assert rep2["grpo"]["neg_adv_scale"] == 0.5 and rep2["wall_s"] > rep["wall_s_sft_rft"]
-    bad = bench("--out", str(tmp_path / "c"), "--preset", "stage3")  # quick's data, not stage3's
+    # quick's data, not stage3's
+    bad = bench("--out", str(tmp_path / "c"), "--config=experiments/configs/demo.py:stage3")
     assert bad.returncode == 2 and "differs" in bad.stderr
 
 
@@ -319,7 +330,7 @@ def _oracle_trace(pid: str, verdicts: list[tuple[int, str]], n: int) -> dict:
 
 
 def test_caption_items_oversample_the_defective_frames():
-    from experiments import demo_pretraining
+    from experiments.demo import pretraining as demo_pretraining
 
     n = 4
     pairs = [{"id": "a", "meta": {"defect": {"global_frames": [6]}}},
@@ -342,7 +353,7 @@ def test_caption_items_oversample_the_defective_frames():
 def test_call_items_draw_fresh_frame_sets_with_the_right_verdict():
     """Rows of 1..max_frames frames of one video, in time order; the verdict names the defect
     exactly when a defective candidate is among them; about `share` of the rows do."""
-    from experiments import demo_pretraining
+    from experiments.demo import pretraining as demo_pretraining
 
     n = 16
     pairs = [{"id": "a", "meta": {"defect": {"video": 2, "kind": "smear",
@@ -369,7 +380,7 @@ def test_call_items_draw_fresh_frame_sets_with_the_right_verdict():
 
 
 def test_reasoning_segments_train_everything_but_the_syntheses():
-    from experiments import demo_pretraining
+    from experiments.demo import pretraining as demo_pretraining
     from vrthinker_jax.rollout import protocol
 
     n = 4
@@ -391,7 +402,7 @@ def test_reasoning_segments_train_everything_but_the_syntheses():
 def test_rehearsal_mix_puts_every_call_row_among_the_traces():
     """SFT rows: each call item once, the traces cycled to fill the rest, each row rendered as
     what it is (a call: its frames and the verdict trained; a trace: the whole conversation)."""
-    from experiments import demo_pretraining
+    from experiments.demo import pretraining as demo_pretraining
     from vrthinker_jax.rollout import protocol
 
     n = 4

@@ -54,12 +54,12 @@ def _parse_args(argv) -> argparse.Namespace:
 def _oracle_verdicts(data_dir: str) -> dict[int, list[str]]:
     """Call index -> the distinct verdicts the oracle states after that call, over every pair
     (train and held-out), in first-seen order."""
-    from experiments import demo as demo_lib
-    from experiments import demo_pretraining
+    from experiments.demo import data as data_lib
+    from experiments.demo import pretraining as demo_pretraining
 
     verdicts: dict[int, list[str]] = {}
     for split in ("train", "heldout"):
-        for t in demo_lib._read_jsonl(os.path.join(data_dir, f"cot_{split}.jsonl")):
+        for t in data_lib.read_jsonl(os.path.join(data_dir, f"cot_{split}.jsonl")):
             for k, (_, text) in enumerate(demo_pretraining.call_rows(t)):
                 verdicts.setdefault(k, [])
                 if text not in verdicts[k]:
@@ -74,12 +74,12 @@ def _probe_items(heldout: list[dict], data_dir: str, n: int) -> dict[str, list[t
     defect kind when the frames show the pair's defect, else ""). n: candidates per video.
     """
     from data_pipelines import synthetic
-    from experiments import demo as demo_lib
-    from experiments import demo_pretraining
+    from experiments.demo import data as data_lib
+    from experiments.demo import pretraining as demo_pretraining
 
-    caps = {r["id"]: r for r in demo_lib._read_jsonl(
+    caps = {r["id"]: r for r in data_lib.read_jsonl(
         os.path.join(data_dir, "captions_heldout.jsonl"))}
-    traces = {t["id"]: t for t in demo_lib._read_jsonl(
+    traces = {t["id"]: t for t in data_lib.read_jsonl(
         os.path.join(data_dir, "cot_heldout.jsonl"))}
     verdicts = _oracle_verdicts(data_dir)
     items = {"call": [], "caption": []}
@@ -115,7 +115,7 @@ def _balance(items: dict[str, list[tuple]], rng, max_items: int) -> dict[str, li
 
 def _seq_len(items: dict[str, list[tuple]], tok, demo) -> int:
     """Tokens of the longest (frames, candidate text) example, plus one; 16 with no items."""
-    from experiments import demo as demo_lib
+    from experiments.demo import data as data_lib
     from vrthinker_jax.rollout import chat, protocol
 
     probe = [(frames, alt) for its in items.values() for _, frames, alts, _ in its
@@ -124,7 +124,7 @@ def _seq_len(items: dict[str, list[tuple]], tok, demo) -> int:
         return 16
     return max(len(chat.tokenize_segments(
         tok, protocol.caption_segments(frames, alt),
-        demo_lib.tokens_per_frame(demo)).ids) for frames, alt in probe) + 1
+        data_lib.tokens_per_frame(demo)).ids) for frames, alt in probe) + 1
 
 
 def _right_answers(its: list[tuple], scorer, banks, *, blind: bool, tok, pcfg, seq_len: int,
@@ -177,22 +177,22 @@ def main(argv=None) -> int:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
-    from experiments import demo as demo_lib
+    from experiments.demo import runs
     from vrthinker_jax.rollout import protocol
 
     try:
-        _, demo, tok, ckpt_dir = demo_lib.open_run(args.demo_dir, args.stage)
+        _, demo, tok, ckpt_dir = runs.open_run(args.demo_dir, args.stage)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     pcfg = protocol.ProtocolConfig.from_configdict(demo.protocol)
-    heldout, banks = demo_lib.load_heldout(args.demo_dir, demo)
+    heldout, banks = runs.load_heldout(args.demo_dir, demo)
     rng = np.random.default_rng(args.seed)
     items = _balance(_probe_items(heldout, os.path.join(args.demo_dir, "data"),
                                   pcfg.num_candidates), rng, args.max_items)
     max_frames = max([len(x[1]) for its in items.values() for x in its] or [1])
     seq_len = _seq_len(items, tok, demo)
-    scorer = demo_lib.TeacherForcedScorer(demo, tok, ckpt_dir, batch=args.batch,
+    scorer = runs.TeacherForcedScorer(demo, tok, ckpt_dir, batch=args.batch,
                                           seq_len=seq_len)
 
     t0 = time.perf_counter()

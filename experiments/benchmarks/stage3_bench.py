@@ -14,10 +14,15 @@ format reward is scored before and after GRPO on `--format-prompts` held-out pro
 (OA diff in %: held-out OA accuracy without ties, the demo table's "OA diff").
 
     python -m experiments.demo --out /tmp/base     # any preset with the same data and model
-    python experiments/benchmarks/stage3_bench.py --base-dir /tmp/base --seed 0 --out /tmp/s3-0
+    python experiments/benchmarks/stage3_bench.py --base-dir /tmp/base --out /tmp/s3-0
+    python experiments/benchmarks/stage3_bench.py --base-dir /tmp/base --out /tmp/s3-1 \\
+        --config.seed=1
     # another GRPO setting from the same SFT + RFT (no retraining)
-    python experiments/benchmarks/stage3_bench.py --base-dir /tmp/base --seed 0 \\
-        --out /tmp/s3-0b --reuse /tmp/s3-0 --set grpo.neg_adv_scale=1.0
+    python experiments/benchmarks/stage3_bench.py --base-dir /tmp/base --out /tmp/s3-0b \\
+        --reuse /tmp/s3-0 --config.grpo.neg_adv_scale=1.0
+
+The run is the demo config `--config` (default experiments/configs/demo.py:stage3) with any
+`--config.FIELD=VALUE` overrides (its seed: `--config.seed`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # the config blocks a shared pretraining fixes: the stage3 preset must agree with the base run
+STAGE3 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
+                      "demo.py") + ":stage3"
 SHARED = ("num_pairs", "synthetic", "protocol", "frame_size", "tokenizer_vocab", "model",
           "pretrain", "max_frames")
 
@@ -47,45 +54,33 @@ def _plain(v):
 
 def load_start(args):
     """(demo config, StageData, held-out rows, banks by id, lengths, pretraining ckpt dir)."""
-    from experiments import demo as demo_lib
-    from experiments.configs import demo as demo_configs
+    from experiments.demo import data as data_lib
+    from experiments.demo import runs
     from vrthinker_jax import cli
     from vrthinker_jax.rollout import protocol
 
     try:
-        res, base, tok, ckpt_dir = demo_lib.open_run(args.base_dir, "pretrain_calls")
+        res, base, tok, ckpt_dir = runs.open_run(args.base_dir, "pretrain_calls")
     except FileNotFoundError as e:
         raise BenchError(str(e)) from None
-    demo = demo_configs.get_config(args.preset)
-    demo.seed = int(args.seed)
-    demo.progress = False
     try:
-        cli.apply_overrides(demo, args.set)
+        demo = cli.load_config(args.config, args.overrides)
     except cli.CliError as e:
         raise BenchError(str(e)) from None
+    demo.progress = False
     for k in SHARED:
         if _plain(demo[k]) != _plain(base[k]):
-            raise BenchError(f"{args.base_dir}/results.json: config.{k} differs from the "
-                             f"{args.preset} preset's; the shared pretraining needs the same")
+            raise BenchError(f"{args.base_dir}/results.json: config.{k} differs from "
+                             f"{args.config}'s; the shared pretraining needs the same")
     data_dir = os.path.join(args.base_dir, "data")
-    train_pairs = demo_lib._read_jsonl(os.path.join(data_dir, "train.jsonl"))
-    heldout = demo_lib._read_jsonl(os.path.join(data_dir, "heldout.jsonl"))
-    traces = demo_lib._read_jsonl(os.path.join(data_dir, "cot_train.jsonl"))
+    train_pairs = data_lib.read_jsonl(os.path.join(data_dir, "train.jsonl"))
+    heldout = data_lib.read_jsonl(os.path.join(data_dir, "heldout.jsonl"))
+    traces = data_lib.read_jsonl(os.path.join(data_dir, "cot_train.jsonl"))
     pcfg = protocol.ProtocolConfig.from_configdict(demo.protocol)
-    banks = demo_lib.load_banks(train_pairs + heldout, data_dir, pcfg.num_candidates,
+    banks = data_lib.load_banks(train_pairs + heldout, data_dir, pcfg.num_candidates,
                                 demo.frame_size)
     lengths = res["lengths"]
-    sampling = dict(max_len=int(lengths["max_len"]),
-                    max_new_tokens=int(demo.eval.max_new_tokens),
-                    max_turn_tokens=int(demo.eval.max_turn_tokens),
-                    prompt_buckets=(demo_lib._round_up(int(lengths["prompt_max"]), 64),))
-    records = [{"id": r["id"], "prompt": r["prompt"],
-                "labels": {k: int(r[k]) for k in demo_lib.LABEL_KEYS}} for r in train_pairs]
-    data = demo_lib.StageData(
-        tok=tok, proto=demo.protocol.to_dict(), pcfg=pcfg, sampling=sampling,
-        max_len=int(lengths["max_len"]), train_pairs=train_pairs, train_records=records,
-        train_banks=[banks[r["id"]] for r in train_pairs], train_traces=traces,
-        trace_banks=[banks[t["id"]] for t in traces])
+    data = data_lib.StageData.build(demo, tok, pcfg, lengths, train_pairs, traces, banks)
     return demo, data, heldout, banks, lengths, ckpt_dir
 
 
@@ -95,12 +90,12 @@ def format_probe(demo, rt, data, heldout, banks, n_prompts: int, samples: int) -
     import grpo_reward_bench
     import jax
 
-    from experiments import demo as demo_lib
+    from experiments.demo import data as data_lib
+    from experiments.demo import stages
     from vrthinker_jax.train import rollouts
 
-    gcfg = demo_lib.grpo_config(demo, data)
-    recs = [{"id": r["id"], "prompt": r["prompt"],
-             "labels": {k: int(r[k]) for k in demo_lib.LABEL_KEYS}} for r in heldout[:n_prompts]]
+    gcfg = stages.grpo_config(demo, data)
+    recs = [data_lib.label_record(r) for r in heldout[:n_prompts]]
     engine = rollouts.make_engine(gcfg, rt, data.tok, params=rt.params)
     rows = [i for i in range(len(recs)) for _ in range(samples)]
     return grpo_reward_bench.score(gcfg, engine, rt.params, recs, banks, rows,
@@ -111,18 +106,18 @@ def reused_start(args, demo) -> tuple[dict, str]:
     """(oa_diff_sft, oa_diff_rft, rft_accepted, wall_s_sft_rft; the RFT checkpoint dir) of
     `--reuse`: an earlier `--out` of this bench, or a finished demo run whose seed, pretraining,
     SFT and RFT settings are this run's (its SFT and RFT are then this run's)."""
-    from experiments import demo as demo_lib
+    from experiments.demo import runs
 
     keys = ("oa_diff_sft", "oa_diff_rft", "rft_accepted", "wall_s_sft_rft")
     bench_json = os.path.join(args.reuse, "stage3.json")
     if os.path.exists(bench_json):
         with open(bench_json) as f:
             prev = json.load(f)
-        if prev["seed"] != int(args.seed):
-            raise BenchError(f"--reuse {args.reuse} is seed {prev['seed']}, not {args.seed}")
+        if prev["seed"] != int(demo.seed):
+            raise BenchError(f"--reuse {args.reuse} is seed {prev['seed']}, not {demo.seed}")
         return {k: prev[k] for k in keys}, os.path.join(args.reuse, "rft_params")
     try:
-        res, run_cfg, _, rft_ckpt = demo_lib.open_run(args.reuse, "rft")
+        res, run_cfg, _, rft_ckpt = runs.open_run(args.reuse, "rft")
     except FileNotFoundError as e:
         raise BenchError(f"--reuse: {e}") from None
     for k in (*SHARED, "seed", "sft", "rft"):
@@ -145,38 +140,35 @@ def run(args) -> dict:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
-    from experiments import demo as demo_lib
-    from experiments.configs import sft as sft_cfgs
+    from experiments.demo import evaluation, runs, stages
     from vrthinker_jax.rollout.sampler import sampling_config
     from vrthinker_jax.train import runtime
 
     t0 = time.perf_counter()
     demo, data, heldout, banks, lengths, ckpt_dir = load_start(args)
-    s = demo.sft
-    cfg = demo_lib.stage_config(sft_cfgs, demo, data.tok, protocol=data.proto, steps=s.steps,
-                                batch_size=s.batch_size, lr=s.lr,
-                                seq_len=int(lengths["seq_len"]), warmup=s.warmup_steps)
+    cfg = stages.sft_config(demo, data.tok, seq_len=int(lengths["seq_len"]))
     rt = runtime.setup(cfg, data.tok)
-    ev = demo_lib.Evaluator(demo, data.tok, rt, heldout, banks, args.out,
-                            sampling_config(temperature=0.0, **data.sampling))
-    out = {"bench": "stage3", "seed": int(args.seed), "base_dir": args.base_dir,
-           "set": args.set, "sft_steps": int(s.steps)}
+    ev = evaluation.Evaluator(demo, data.tok, rt, heldout, banks, args.out,
+                              sampling_config(temperature=0.0, **data.sampling))
+    out = {"bench": "stage3", "seed": int(demo.seed), "base_dir": args.base_dir,
+           "config": args.config, "overrides": args.overrides,
+           "sft_steps": int(demo.sft.steps)}
     # per-step training metrics: <out>/tb/train (TensorBoard and metrics.jsonl)
     logger = runtime.TrainLogger(os.path.join(args.out, "tb", "train"))
     try:
         if args.reuse:  # the SFT and RFT of an earlier run (same seed and settings)
             prev, rft_ckpt = reused_start(args, demo)
             out.update(prev)
-            rt.params = demo_lib.restore_params(rft_ckpt, cfg, rt)
+            rt.params = runs.restore_params(rft_ckpt, cfg, rt)
         else:
             sft_ckpt = os.path.join(args.out, "sft", "checkpoints")
             if args.resume and os.path.isdir(sft_ckpt) and os.listdir(sft_ckpt):
-                rt.params = demo_lib.restore_params(sft_ckpt, cfg, rt)  # a finished SFT
+                rt.params = runs.restore_params(sft_ckpt, cfg, rt)  # a finished SFT
             else:
-                rt.params = demo_lib.restore_params(ckpt_dir, cfg, rt)
-                rt, _ = demo_lib.sft_stage(demo, data, cfg, rt, args.out, logger)
+                rt.params = runs.restore_params(ckpt_dir, cfg, rt)
+                rt, _ = stages.sft_stage(demo, data, cfg, rt, args.out, logger)
             out["oa_diff_sft"] = oa_diff(ev.run("sft", rt.params, data.pcfg))
-            rt, rft_stats = demo_lib.rft_stage(demo, data, rt, args.out, logger)
+            rt, rft_stats = stages.rft_stage(demo, data, rt, args.out, logger)
             out["rft_accepted"] = rft_stats.get("accepted_traces")
             out["oa_diff_rft"] = oa_diff(ev.run("rft", rt.params, data.pcfg))
             save_params(rt, cfg, os.path.join(args.out, "rft_params"))
@@ -195,11 +187,11 @@ def run(args) -> dict:
 def grpo_and_eval(args, demo, data, rt, ev, heldout, banks, logger, out: dict) -> None:
     """GRPO from rt's params between two format probes, then the held-out evaluation; adds
     the numbers to `out`."""
-    from experiments import demo as demo_lib
+    from experiments.demo import stages
 
     probe = (data, heldout, banks, args.format_prompts, args.format_samples)
     before = format_probe(demo, rt, *probe)
-    rt, stats = demo_lib.grpo_stage(demo, data, rt, args.out, logger)
+    rt, stats = stages.grpo_stage(demo, data, rt, args.out, logger)
     after = format_probe(demo, rt, *probe)
     final = ev.run("grpo", rt.params, data.pcfg)
     out.update({
@@ -214,7 +206,7 @@ def grpo_and_eval(args, demo, data, rt, ev, heldout, banks, logger, out: dict) -
 
 
 def save_params(rt, cfg, path: str) -> None:
-    """rt's params as a stage checkpoint (`demo.restore_params` reads it back)."""
+    """rt's params as a stage checkpoint (`experiments.demo.runs.restore_params` reads it)."""
     from vrthinker_jax.train import checkpointing, steps
 
     state = steps.init_train_state(rt.params, steps.make_optimizer(cfg.optimizer), 0)
@@ -226,13 +218,16 @@ def save_params(rt, cfg, path: str) -> None:
 
 
 def main(argv=None) -> int:
+    from vrthinker_jax import cli
+
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-dir", required=True,
                    help="a finished demo run (data, tokenizer, pretrain_calls checkpoint)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default="stage3",
-                   help="the demo preset run (stage3; quick for a smoke test on a quick run)")
+    p.add_argument("--config", default=STAGE3,
+                   help="the demo config and preset run (default: its stage3 preset; "
+                        "experiments/configs/demo.py:quick for a smoke test on a quick run); "
+                        "fields overridden with --config.FIELD=VALUE")
     p.add_argument("--out", required=True, help="this run's directory (new or empty)")
     p.add_argument("--reuse", default="",
                    help="an earlier --out of this bench (same seed): start GRPO from its RFT")
@@ -244,9 +239,12 @@ def main(argv=None) -> int:
     p.add_argument("--format-prompts", type=int, default=8,
                    help="held-out prompts scored before and after GRPO")
     p.add_argument("--format-samples", type=int, default=4, help="samples per scored prompt")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the stage3 demo preset, e.g. grpo.lr=3e-5")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    try:
+        args.overrides = cli.split_config_overrides(extra)
+    except cli.CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.resume:
         print(f"error: --out {args.out} exists and is not empty (--resume continues it)",
               file=sys.stderr)

@@ -50,15 +50,12 @@ def counterfactuals(row: dict, layout, pcfg, syn_cfg, rng) -> dict[str, dict]:
     from data_pipelines import synthetic
 
     scene, defect = _scene_defect(row["meta"])
-    style, scan = syn_cfg.get("oracle_text", "verbose"), syn_cfg.get("oracle_scan", "until_found")
 
     def trace(d):
-        labels = synthetic.labels_for(d)
         return {"id": row["id"], "prompt": row["prompt"], "video_a": row["video_a"],
-                "video_b": row["video_b"], "labels": labels,
+                "video_b": row["video_b"], "labels": synthetic.labels_for(d),
                 "num_candidates": pcfg.num_candidates,
-                "turns": synthetic.oracle_turns(scene, d, labels, layout, pcfg, style, scan,
-                                                syn_cfg)}
+                "turns": synthetic.oracle_turns(d, layout, pcfg)}
 
     out = {"true": trace(defect)}
     if defect is not None:
@@ -89,13 +86,13 @@ def main(argv=None) -> int:
 
     logging.set_verbosity(logging.WARNING)
     from data_pipelines import synthetic
-    from experiments import demo as demo_lib
+    from experiments.demo import runs
     from vrthinker_jax.rollout import protocol
     from vrthinker_jax.train import examples
 
     try:
-        res, demo, tok, ckpt_dir = demo_lib.open_run(args.demo_dir, args.stage)
-        scorer = demo_lib.TeacherForcedScorer(demo, tok, ckpt_dir, batch=args.batch,
+        res, demo, tok, ckpt_dir = runs.open_run(args.demo_dir, args.stage)
+        scorer = runs.TeacherForcedScorer(demo, tok, ckpt_dir, batch=args.batch,
                                               seq_len=int(res["lengths"]["seq_len"]) + 64)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -103,7 +100,7 @@ def main(argv=None) -> int:
     pcfg = protocol.ProtocolConfig.from_configdict(demo.protocol)
     syn_cfg = synthetic.synthetic_config(**demo.synthetic.to_dict())
     layout = synthetic.layout_for(syn_cfg, pcfg)
-    heldout, banks = demo_lib.load_heldout(args.demo_dir, demo)
+    heldout, banks = runs.load_heldout(args.demo_dir, demo)
 
     rng = np.random.default_rng(args.seed)
     items = []  # (pair index, variant name, trace)

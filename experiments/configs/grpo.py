@@ -22,10 +22,12 @@ def get_config(size: str = "tiny"):
         clip_eps=0.2,  # lower clip of the ratio
         clip_eps_high=0.28,  # upper clip (DAPO-style clip-higher)
         kl_coef=0.01,  # k3 KL to the frozen reference (0 skips the reference forward)
-        # the push-down half of the update (rows with a negative advantage): on a
-        # near-deterministic policy it breaks the format every row shares (docs/measurements.md,
-        # "2026-12-05: stage iii"). Negative advantages are multiplied by neg_adv_scale (1 =
-        # plain GRPO, 0 = learn from better-than-average rows only)
+        # the push-down half of the update (rows with a negative advantage), which can break the
+        # format every row shares on a near-deterministic policy with few rollouts per prompt:
+        # negative advantages are multiplied by neg_adv_scale (1 = plain GRPO, 0 = learn from
+        # better-than-average rows only). 1 by measurement: on the demo's stage3 preset (8
+        # rollouts per prompt) plain GRPO did as well as 0.25 with neg_prob_cap 0.9, or better
+        # (docs/measurements.md, "2026-12-05: stage iii")
         neg_adv_scale=1.0,
         # in negative-advantage rows, tokens sampled with a probability above this are not
         # pushed down (the shared tags and template sit near 1, the wrong decisions do not);

@@ -16,6 +16,12 @@ response fits the KV cache, and prefills it.
 
 The text of calls and responses is `protocol.py`'s (`parse_tool_call`, `tool_response_segments`),
 which the training-data builder (`protocol.trace_segments`) uses too.
+
+The published checkpoints' environment is `release.py`, on purpose a separate module: it
+reproduces what those weights were trained to see (the release's message rendering, its
+quirks, its memory rule that drops earlier images from the middle of the prompt) and is driven
+by `preset_engine.py`, which re-renders and re-prefills each turn. This module's environment
+appends to an explicit frame window and is what our own stages train and roll out with.
 """
 
 from __future__ import annotations

@@ -52,6 +52,16 @@ def _plain(v):
     return json.loads(json.dumps(v.to_dict() if hasattr(v, "to_dict") else v))
 
 
+def _differs(now, then) -> bool:
+    """Whether a config block differs from a recorded run's. Fields the code no longer has
+    (removed options, e.g. synthetic.oracle_text) are not compared: no run of today's code can
+    honour them, and the run's data, read from its directory, are what they made."""
+    now, then = _plain(now), _plain(then)
+    if isinstance(now, dict) and isinstance(then, dict):
+        return any(k not in then or _differs(v, then[k]) for k, v in now.items())
+    return now != then
+
+
 def load_start(args):
     """(demo config, StageData, held-out rows, banks by id, lengths, pretraining ckpt dir)."""
     from experiments.demo import data as data_lib
@@ -69,7 +79,7 @@ def load_start(args):
         raise BenchError(str(e)) from None
     demo.progress = False
     for k in SHARED:
-        if _plain(demo[k]) != _plain(base[k]):
+        if _differs(demo[k], base[k]):
             raise BenchError(f"{args.base_dir}/results.json: config.{k} differs from "
                              f"{args.config}'s; the shared pretraining needs the same")
     data_dir = os.path.join(args.base_dir, "data")
@@ -121,7 +131,7 @@ def reused_start(args, demo) -> tuple[dict, str]:
     except FileNotFoundError as e:
         raise BenchError(f"--reuse: {e}") from None
     for k in (*SHARED, "seed", "sft", "rft"):
-        if _plain(demo[k]) != _plain(run_cfg[k]):
+        if _differs(demo[k], run_cfg[k]):
             raise BenchError(f"--reuse {args.reuse}: config.{k} differs from this run's")
     rows = {r["stage"]: r for r in res["table"]}
     t = res["time_wall_s"]

@@ -112,6 +112,10 @@ def synthetic_config(**overrides) -> ml_collections.ConfigDict:
     # frame captions (`captions_<split>.jsonl`): the object's centre is named by its cell on a
     # caption_grid x caption_grid grid over the frame
     cd.caption_grid = 8
+    unknown = sorted(set(overrides) - set(cd.keys()))
+    if unknown:  # e.g. a removed option (oracle_text, oracle_scan) from an old config
+        raise ValueError(f"synthetic: unknown config field(s) {unknown}; known: "
+                         f"{sorted(cd.keys())}")
     cd.update(overrides)
     return cd
 
@@ -309,7 +313,7 @@ def render(scene: Scene, cfg, defect: Defect | None, rng: np.random.Generator) -
         frame = bg.copy()
         y, x = (int(round(v)) for v in fs.top_left)
         if fs.effect == "smear":
-            _smear(frame, scene, cfg, y, x, COLOURS[cfg.get("smear_colour") or fs.colour])
+            _smear(frame, scene, cfg, y, x, COLOURS[cfg.smear_colour or fs.colour])
         if fs.effect != "missing":
             mask = _shape_mask(fs.shape, o)
             frame[y:y + o, x:x + o][mask] = COLOURS[fs.colour]
@@ -318,7 +322,7 @@ def render(scene: Scene, cfg, defect: Defect | None, rng: np.random.Generator) -
         elif fs.effect == "blur":
             frame = _box_blur(frame, cfg.blur_radius)
         elif fs.effect == "dropout":
-            _dropout(frame, cfg, y + o / 2, x + o / 2, COLOURS[cfg.get("dropout_colour", "black")])
+            _dropout(frame, cfg, y + o / 2, x + o / 2, COLOURS[cfg.dropout_colour])
         out[t] = np.clip(np.round(frame), 0, 255).astype(np.uint8)
     return out
 
@@ -370,7 +374,7 @@ EFFECT_CAPTION = {"": "clean", "noise": "heavy noise", "blur": "blurred", "dropo
 
 
 def _sample_scene(rng: np.random.Generator, cfg) -> Scene:
-    colours = list(cfg.get("colours", PROMPT_COLOURS))
+    colours = list(cfg.colours)
     return Scene(
         colour=colours[rng.integers(len(colours))],
         shape=SHAPES[rng.integers(len(SHAPES))],
@@ -383,7 +387,7 @@ def _sample_scene(rng: np.random.Generator, cfg) -> Scene:
 
 def _sample_defect(rng, scene: Scene, layout: Layout, cfg) -> Defect:
     dim = ("TA", "MQ", "VQ")[rng.integers(3)]
-    kinds = tuple(cfg.get("defect_kinds", DEFECT_KINDS)[dim])
+    kinds = tuple(cfg.defect_kinds[dim])
     kind = kinds[rng.integers(len(kinds))]
     # a scanned candidate the defect must cover, then a span around it inside its gap
     options = []
@@ -400,8 +404,8 @@ def _sample_defect(rng, scene: Scene, layout: Layout, cfg) -> Defect:
     start = int(rng.integers(first, last + 1))
     alt = ""
     if kind == "colour":
-        alts = list(cfg.get("defect_colours", ())) or [
-            c for c in cfg.get("colours", PROMPT_COLOURS) if c != scene.colour]
+        alts = list(cfg.defect_colours) or [
+            c for c in cfg.colours if c != scene.colour]
         alt = alts[rng.integers(len(alts))]
     elif kind == "shape":
         alt = [s for s in SHAPES if s != scene.shape][rng.integers(len(SHAPES) - 1)]
@@ -542,14 +546,14 @@ def generate(
         raise ValueError(f"synthetic: --num-pairs must be positive, got {num_pairs}")
     if cfg.size % 2 or cfg.size < cfg.object_size + 4:
         raise ValueError(f"synthetic: size {cfg.size} must be even and hold the object")
-    for dim, kinds in dict(cfg.get("defect_kinds", DEFECT_KINDS)).items():
+    for dim, kinds in dict(cfg.defect_kinds).items():
         if dim not in DEFECT_KINDS or not kinds or set(kinds) - set(DEFECT_KINDS[dim]):
             raise ValueError(f"synthetic: defect_kinds[{dim!r}] = {tuple(kinds or ())} must be "
                              f"a non-empty subset of {DEFECT_KINDS.get(dim, ())}")
-    named = {"colours": tuple(cfg.get("colours", PROMPT_COLOURS)),
-             "defect_colours": tuple(cfg.get("defect_colours", ())),
-             "smear_colour": tuple(c for c in [cfg.get("smear_colour", "")] if c),
-             "dropout_colour": (cfg.get("dropout_colour", "black"),)}
+    named = {"colours": tuple(cfg.colours),
+             "defect_colours": tuple(cfg.defect_colours),
+             "smear_colour": tuple(c for c in [cfg.smear_colour] if c),
+             "dropout_colour": (cfg.dropout_colour,)}
     for field, names in named.items():
         if set(names) - set(COLOURS):
             raise ValueError(f"synthetic: {field} = {names} must name colours of {tuple(COLOURS)}")

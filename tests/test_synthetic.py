@@ -402,3 +402,9 @@ def test_video_oracle_scans_one_video_per_call(pcfg, stride):
     one_call = protocol.ProtocolConfig(**{**pcfg.__dict__, "max_turns": 2})
     with pytest.raises(ValueError, match="a call per video"):
         synthetic.make_layout(cfg.frames, one_call, cfg.margin_frames)
+
+
+def test_config_rejects_unknown_fields():
+    # a removed option (or a typo) must not silently fall back to the default behaviour
+    with pytest.raises(ValueError, match="unknown config field.*oracle_text"):
+        synthetic.synthetic_config(oracle_text="terse")

@@ -107,7 +107,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
 
     # ---- pretraining: the paper starts from Qwen2.5-VL, which can already see and reason; the
     # tiny model starts from random weights. Three phases, in this order, on the training pairs
-    # only (experiments/demo_pretraining.py); the baseline starts from the same weights:
+    # only (experiments/demo/pretraining.py); the baseline starts from the same weights:
     # (1) captions: one candidate frame and its caption per row (colour, shape, where the object
     #     is, any effect). Without it SFT's verdicts did not depend on the pixels at all
     #     (experiments/benchmarks/verdict_probe.py: 50% attribution, frames seen or blacked out);

@@ -311,6 +311,22 @@ def test_planner_shapes_are_the_engines(tiny_rft_engine):
     assert p.bank.shape == engine.shapes.bank_shape(16) and p.bank.dtype == np.uint8
 
 
+def test_planner_lays_out_by_the_configs_sharding_rules(tiny_rft_engine):
+    # mesh.rules is a config value: the plan's params and batches follow it, as the runtime's do
+    from vrthinker_jax import sharding
+
+    cfg, tok, mesh, _, params = tiny_rft_engine
+    custom = cli.override_config(cfg.copy_and_resolve_references(),
+                                 ["--config.mesh.rules.embed=('data',)"])
+    rules = plan.stage_rules(custom)
+    assert rules.embed == ("data",)
+    got = plan.rollout_programs(custom, mesh, params, jnp.bfloat16, tokenizer=tok).params
+    want = sharding.state_shardings(params, mesh, rules)
+    assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, got)) == jax.tree.leaves(want)
+    default = sharding.state_shardings(params, mesh)
+    assert jax.tree.leaves(want) != jax.tree.leaves(default)  # the model width over 8 devices
+
+
 def test_response_length_estimate_is_an_upper_bound(tiny_rft_engine):
     cfg, _, _, engine, _ = tiny_rft_engine
     assert plan.plan_tokenizer(cli.override_config(cfg.copy_and_resolve_references(),

@@ -517,6 +517,13 @@ def topology_devices(topo: Topology):
     return topologies.get_topology_desc(topology_name=topo.jax_name, platform="tpu", **kw).devices
 
 
+def stage_rules(cfg):
+    """The stage config's sharding rules (`mesh.rules`), frozen as the runtime freezes them."""
+    from vrthinker_jax import sharding
+
+    return sharding.freeze_rules(cfg.mesh.rules)
+
+
 def mesh_for(cfg, devices, num_slices: int):
     """The config's mesh over the topology's devices. Multi-slice: a config whose dcn axes are
     all 1 gets dcn data = number of slices (pure data parallelism across slices)."""
@@ -635,7 +642,8 @@ def plan_learner(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int) -> S
     mcfg = cfg.model
     kind = "grpo" if cfg.stage == "grpo" else "sft"
     b, s, f = learner_batch(cfg), int(cfg.data.seq_len), int(cfg.data.max_frames)
-    multiple = sharding.batch_size_multiple(mesh)
+    rules = stage_rules(cfg)
+    multiple = sharding.batch_size_multiple(mesh, rules)
     if b % multiple:
         raise PlanError(f"learner batch {b} is not a multiple of the mesh's batch axes "
                         f"({multiple}); change optimizer.accum_steps or mesh")
@@ -657,7 +665,7 @@ def plan_learner(cfg, mesh, graphdef, abs_params, chip: Chip, n_chips: int) -> S
                       loss=tuple(sorted(losses.grpo_loss_options(g).items())))
     tx = steps.make_optimizer(cfg.optimizer)
     abs_state = jax.eval_shape(lambda p: steps.init_train_state(p, tx), abs_params)
-    spec = steps.StepSpec(frame_bank.PatchSpec.from_model_config(mcfg))
+    spec = steps.StepSpec(frame_bank.PatchSpec.from_model_config(mcfg), rules=rules)
     fn = steps.step_fn(kind, graphdef=graphdef, spec=spec, optimizer=cfg.optimizer,
                        state=abs_state, batch_like=batch, mesh=mesh, **static)
     t0 = time.perf_counter()
@@ -712,18 +720,22 @@ def rollout_static(cfg, sh):
     return dataclasses.replace(st, kv_buckets=1, prefill_chunk=0)
 
 
-def rollout_state_args(mesh, model_cfg, st, abs_params, batch: int, cache_dtype):
+def rollout_state_args(mesh, model_cfg, st, abs_params, batch: int, cache_dtype,
+                       rules=None):
     """(params, state) ShapeDtypeStructs laid out as the engine lays them out: the state
-    `shapes.state_shardings` (rows over the batch axes), params by their logical axes."""
+    `shapes.state_shardings` (rows over the batch axes), params by their logical axes, both
+    under `rules` (a stage's `stage_rules`; default `sharding.DEFAULT_RULES`)."""
     from vrthinker_jax import sharding
     from vrthinker_jax.rollout import shapes
 
+    rules = sharding.DEFAULT_RULES if rules is None else rules
     abs_st = shapes.abstract_state(model_cfg, batch, st, cache_dtype)
-    return (_with_shardings(abs_params, sharding.state_shardings(abs_params, mesh)),
-            _with_shardings(abs_st, shapes.state_shardings(mesh, abs_st)))
+    return (_with_shardings(abs_params, sharding.state_shardings(abs_params, mesh, rules)),
+            _with_shardings(abs_st, shapes.state_shardings(mesh, abs_st, rules)))
 
 
-def insert_args(mesh, *, batch: int, seg_len: int, frames: int, frame_size, bank_frames: int):
+def insert_args(mesh, *, batch: int, seg_len: int, frames: int, frame_size, bank_frames: int,
+                rules=None):
     """(bank, segment) ShapeDtypeStructs of one `sampler.insert` call: a uint8 frame bank
     [batch, bank_frames, H, W, 3] and a segment of seg_len tokens with `frames` frames per row
     (`shapes.abstract_segment`), split over the batch axes as the engine splits them."""
@@ -733,11 +745,12 @@ def insert_args(mesh, *, batch: int, seg_len: int, frames: int, frame_size, bank
     from vrthinker_jax import sharding
     from vrthinker_jax.rollout import shapes
 
+    rules = sharding.DEFAULT_RULES if rules is None else rules
     h, w = (int(x) for x in frame_size)
     bank = jax.ShapeDtypeStruct((batch, bank_frames, h, w, 3), jnp.uint8,
-                                sharding=sharding.batch_sharding(mesh, 5))
+                                sharding=sharding.batch_sharding(mesh, 5, rules=rules))
     seg = _with_shardings(shapes.abstract_segment(batch, seg_len, frames),
-                          shapes.segment_shardings(mesh))
+                          shapes.segment_shardings(mesh, rules))
     return bank, seg
 
 
@@ -772,16 +785,17 @@ def rollout_programs(cfg, mesh, abs_params, cache_dtype, tokenizer=None) -> Roll
     from vrthinker_jax import sharding
 
     b = rows_per_call(cfg)
-    multiple = sharding.batch_size_multiple(mesh)
+    rules = stage_rules(cfg)
+    multiple = sharding.batch_size_multiple(mesh, rules)
     if b % multiple:
         raise PlanError(f"rollout batch {b} is not a multiple of the mesh's batch axes "
                         f"({multiple})")
     sh = rollout_shapes(cfg, tokenizer)
     st = rollout_static(cfg, sh)
-    params, state = rollout_state_args(mesh, cfg.model, st, abs_params, b, cache_dtype)
+    params, state = rollout_state_args(mesh, cfg.model, st, abs_params, b, cache_dtype, rules)
     bank, seg = insert_args(mesh, batch=b, seg_len=sh.prompt_buckets[-1],
                             frames=sh.prompt_frames, frame_size=sh.frame_size,
-                            bank_frames=sh.bank_frames)
+                            bank_frames=sh.bank_frames, rules=rules)
     return RolloutPrograms(b, sh, st, params, state, bank, seg, tokenizer is not None)
 
 
@@ -917,7 +931,7 @@ def tips_context(cfg, mesh) -> dict:
             "attn_chunk": int(cfg.model.attn_query_chunk),
             "lm_head_chunk": int(cfg.model.lm_head_chunk),
             "max_accum": learner_batch(cfg) * int(cfg.optimizer.accum_steps)
-            // sharding.batch_size_multiple(mesh)}
+            // sharding.batch_size_multiple(mesh, stage_rules(cfg))}
 
 
 # --------------------------------------------------------------------------- eval rollout

@@ -368,7 +368,7 @@ def test_checkpoint_reshards_from_8_to_4_devices(tmp_path):
     mesh4 = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, devices=jax.devices()[:4])
 
     def run(mesh, state, n):
-        dev = steps.put_batch(batch, mesh)
+        dev = steps.put_batch(batch, mesh, sharding.DEFAULT_RULES)
         fn = steps.step_fn("sft", graphdef=graphdef, spec=spec, optimizer=opt, state=state,
                            batch_like=dev, mesh=mesh)
         losses = []
@@ -377,7 +377,7 @@ def test_checkpoint_reshards_from_8_to_4_devices(tmp_path):
             losses.append(float(m["loss"]))
         return state, losses
 
-    state8 = steps.place_state(steps.init_train_state(params, tx), mesh8)
+    state8 = steps.place_state(steps.init_train_state(params, tx), mesh8, sharding.DEFAULT_RULES)
     state8, first = run(mesh8, state8, 2)
     assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(state8.params))
     ckpt = checkpointing.Checkpointer(str(tmp_path / "ckpt"), save_every=1)
@@ -386,7 +386,7 @@ def test_checkpoint_reshards_from_8_to_4_devices(tmp_path):
     _, cont8 = run(mesh8, jax.tree.map(jnp.copy, state8), 1)
 
     # ... and, restored onto 4 devices laid out differently, continues with the same loss
-    like4 = steps.place_state(steps.init_train_state(params, tx), mesh4)
+    like4 = steps.place_state(steps.init_train_state(params, tx), mesh4, sharding.DEFAULT_RULES)
     restored, meta = ckpt.restore(like4)
     ckpt.close()
     assert meta["step"] == 2 and int(restored.step) == 2

@@ -108,7 +108,7 @@ def test_grpo_update_follows_the_advantage():
     host = make_batch(rng, pcfg, tok)
     model = model_lib.Qwen25VL(cfg.model, rngs=nnx.Rngs(0))
     rt = runtime.setup(cfg, tok, model=model)
-    batch = steps.put_batch(host, None)
+    batch = steps.put_batch(host, None, None)
     logp_fn = jax.jit(lambda p, b: steps.sequence_logprobs(p, b, graphdef=rt.graphdef,
                                                            spec=rt.spec))
     logp0 = logp_fn(rt.params, batch)

@@ -98,7 +98,7 @@ def test_reference_on_its_own_mesh_gives_the_learners_log_probs():
     leaf = jax.tree.leaves(ref)[0]
     assert sorted(d.id for d in leaf.sharding.device_set) == [4, 5, 6, 7]
     fn = jax.jit(lambda p, b: steps.sequence_logprobs(p, b, graphdef=rt.graphdef, spec=rt.spec))
-    batch = steps.put_batch(host, rt.mesh)
+    batch = steps.put_batch(host, rt.mesh, rt.rules)
     got = grpo.reference_logprobs(fn, ref, host, batch, rt)
     assert sorted(d.id for d in got.sharding.device_set) == [0, 1, 2, 3]  # the learner's
     want = fn(rt.params, batch)

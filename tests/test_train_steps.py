@@ -40,7 +40,7 @@ def setup():
     graphdef, params = nnx.split(model_lib.Qwen25VL(cfg, rngs=nnx.Rngs(0)))
     spec = steps.StepSpec(frame_bank.PatchSpec.from_model_config(cfg))
     state = steps.init_train_state(params, steps.make_optimizer(OPT))
-    dev = steps.put_batch(batch, None)
+    dev = steps.put_batch(batch, None, None)
     fn = steps.step_fn("sft", graphdef=graphdef, spec=spec, optimizer=OPT, state=state,
                        batch_like=dev)
     return dict(batch=batch, dev=dev, graphdef=graphdef, spec=spec, state=state, fn=fn)
@@ -84,8 +84,8 @@ def test_sharded_step_equals_single_device_step(setup):
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     s0 = setup["state"]
     single, m1 = setup["fn"](copy_tree(s0), setup["dev"])
-    placed = steps.place_state(copy_tree(s0), mesh)
-    dev = steps.put_batch(setup["batch"], mesh)
+    placed = steps.place_state(copy_tree(s0), mesh, sharding.DEFAULT_RULES)
+    dev = steps.put_batch(setup["batch"], mesh, sharding.DEFAULT_RULES)
     fn = steps.step_fn("sft", graphdef=setup["graphdef"], spec=setup["spec"], optimizer=OPT,
                        state=placed, batch_like=dev, mesh=mesh)
     sharded, m2 = fn(placed, dev)
@@ -115,8 +115,8 @@ def test_sharded_step_with_the_7b_memory_settings_equals_single_device(setup):
     _, m0 = setup["fn"](copy_tree(setup["state"]), setup["dev"])  # the plain model, same init
     np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]), rtol=1e-5)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    placed = steps.place_state(copy_tree(s0), mesh)
-    dev = steps.put_batch(setup["batch"], mesh)
+    placed = steps.place_state(copy_tree(s0), mesh, sharding.DEFAULT_RULES)
+    dev = steps.put_batch(setup["batch"], mesh, sharding.DEFAULT_RULES)
     fn = steps.step_fn("sft", graphdef=graphdef, spec=setup["spec"], optimizer=OPT,
                        state=placed, batch_like=dev, mesh=mesh)
     sharded, m2 = fn(placed, dev)

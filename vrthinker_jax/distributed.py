@@ -202,16 +202,16 @@ def global_rows(mesh, local: int, rules=None) -> int:
     return local * total // len(mine)
 
 
-def rows_held(mesh, total: int, rules=None) -> list[int]:
+def rows_held(mesh, total: int) -> list[int]:
     """The global rows (sorted) of a `total`-row batch split over `mesh`'s batch axes (by
-    `rules`, default `sharding.DEFAULT_RULES`) that this process's devices hold: the rows it
-    passes to `put_rows`, in that order. All of them without a mesh or with one process."""
+    `sharding.DEFAULT_RULES`, as the eval CLI's engine splits them) that this process's devices
+    hold: the rows it passes to `put_rows`, in that order. All of them without a mesh or with
+    one process."""
     from vrthinker_jax import sharding
 
     if mesh is None or jax.process_count() == 1:
         return list(range(total))
-    s = sharding.batch_sharding(mesh, 1, rules=sharding.DEFAULT_RULES if rules is None
-                                else rules)
+    s = sharding.batch_sharding(mesh, 1)
     rows = set()
     for (sl,) in s.addressable_devices_indices_map((total,)).values():
         rows.update(range(*sl.indices(total)))

@@ -90,33 +90,32 @@ def start(args, steps: int):
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
-    from experiments.configs import grpo as grpo_cfgs
     from experiments.configs import sft as sft_cfgs
     from experiments.demo import data as data_lib
     from experiments.demo import runs, stages
     from vrthinker_jax import cli
+    from vrthinker_jax.rollout import protocol
     from vrthinker_jax.train import runtime, sft
 
     try:
         res, demo, tok, ckpt_dir = runs.open_run(args.demo_dir, args.stage)
     except FileNotFoundError as e:
         raise StartError(str(e)) from None
-    g = demo.grpo
     data_dir = os.path.join(args.demo_dir, "data")
     train_pairs = data_lib.read_jsonl(os.path.join(data_dir, "train.jsonl"))
     banks = data_lib.load_banks(train_pairs, data_dir, int(demo.protocol.num_candidates),
                                 demo.frame_size)
     records = [data_lib.label_record(r) for r in train_pairs]
     lengths = res["lengths"]
-    sampling = dict(data_lib.rollout_sampling(demo, lengths),
-                    temperature=args.temperature or float(g.temperature))
-    prompts_per_step = args.prompts or int(g.prompts_per_step)
-    cfg = stages.stage_config(grpo_cfgs, demo, tok, protocol=demo.protocol.to_dict(),
-                              steps=steps, batch_size=prompts_per_step,
-                              lr=args.lr or float(g.lr), seq_len=int(lengths["max_len"]),
-                              warmup=1, sampling=sampling)
-    cfg.grpo.update(dict(group_size=args.group or int(g.group_size),
-                         prompts_per_step=prompts_per_step, kl_coef=float(g.kl_coef)))
+    # the run's GRPO settings with this bench's, then the demo's own GRPO stage config
+    g = demo.grpo
+    g.update(dict(steps=int(steps), lr=args.lr or float(g.lr),
+                  temperature=args.temperature or float(g.temperature),
+                  group_size=args.group or int(g.group_size),
+                  prompts_per_step=args.prompts or int(g.prompts_per_step)))
+    pcfg = protocol.ProtocolConfig.from_configdict(demo.protocol)
+    cfg = stages.grpo_config(demo, data_lib.StageData.build(demo, tok, pcfg, lengths,
+                                                            train_pairs, [], banks))
     cfg.progress = False
     # the config is built here, not read from a file: its overrides apply to it in memory
     cli.override_config(cfg, args.overrides, StartError)

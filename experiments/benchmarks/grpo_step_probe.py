@@ -81,7 +81,7 @@ def rollout_batch(cfg, rt, tok, records: list[dict], banks: dict, key) -> dict:
     trajs = engine.rollout([records[i]["prompt"] for i in idx], np.stack(row_banks), key)
     labels = [records[i]["labels"] for i in idx]
     host, parts, stats = grpo.rollout_batch(trajs, row_banks, labels, cfg)
-    return {"engine": engine, "batch": steps.put_batch(host, rt.mesh),
+    return {"engine": engine, "batch": steps.put_batch(host, rt.mesh, rt.rules),
             "adv": np.asarray(host["advantages"]), "used": np.asarray(host["weight"]) > 0,
             "parts": parts, "stats": stats}
 

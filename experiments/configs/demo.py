@@ -208,8 +208,6 @@ STAGE3 = {
     # 8 rollouts per prompt (the default's 4): more groups whose rewards differ, so more rows
     # carry an advantage
     "grpo.group_size": 8,
-    "grpo.prompts_per_step": 4,
-    "grpo.lr": 1e-4,
     "grpo.warmup_steps": 2,
     # plain GRPO (grpo.neg_adv_scale = neg_prob_cap = 1, the default's): from the same RFT
     # checkpoints it lifted held-out OA diff as much as or more than neg_adv_scale 0.25 with

@@ -16,8 +16,9 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 def _parser() -> argparse.ArgumentParser:
     from experiments import demo
+    from vrthinker_jax import cli
 
-    p = argparse.ArgumentParser(
+    p = cli.OneLineParser(
         prog="python -m experiments.demo", description=demo.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any field of the config is overridden with --config.FIELD=VALUE (as "

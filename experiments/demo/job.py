@@ -63,7 +63,13 @@ class Job:
         self.table.append(row)
         return row
 
-    def tool_stage(self, stage: str, name: str, failed_name: str, fn, rt):
+    def stage_done(self, step: int) -> None:
+        """The last table row as TensorBoard scalars at `step` (SFT 0, RFT 1, GRPO 2), and
+        results.json so far."""
+        self.stage_log.scalars(step, evaluation.stage_scalars(self.table[-1]))
+        self.save_partial()
+
+    def tool_stage(self, step: int, stage: str, name: str, failed_name: str, fn, rt):
         """RFT or GRPO: a failed stage is reported in the table and the job goes on with the
         runtime it had."""
         try:
@@ -76,8 +82,7 @@ class Job:
             self.results["stages"][stage] = {"error": f"{type(e).__name__}: {e}"}
             self.table.append({"name": failed_name, "stage": stage,
                                "not_run": f"{type(e).__name__}"})
-        self.stage_log.scalars(len(self.table) - 2, evaluation.stage_scalars(self.table[-1]))
-        self.save_partial()
+        self.stage_done(step)
         return rt
 
     def prepare(self):
@@ -193,13 +198,12 @@ def run(demo, out_dir: str) -> dict:
         rt, job.results["stages"]["sft"] = stages.sft_stage(demo, job.data, job.sft_cfg, rt,
                                                             out_dir, job.logger)
     job.evaluate("after SFT (tools on)", "sft", rt.params, job.pcfg)
-    job.stage_log.scalars(0, evaluation.stage_scalars(job.table[-1]))
-    job.save_partial()
-    rt = job.tool_stage("rft", "after RFT (tools on)", "after RFT", stages.rft_stage, rt)
+    job.stage_done(0)
+    rt = job.tool_stage(1, "rft", "after RFT (tools on)", "after RFT", stages.rft_stage, rt)
     if job.table[-1]["stage"] == "rft" and not job.table[-1].get("not_run") and not (
             job.results["stages"]["rft"].get("accepted_traces")):
         job.table[-1]["name"] += " [0 traces accepted: RFT's SFT skipped]"
-    rt = job.tool_stage("grpo", "after GRPO = final (tools on)", "after GRPO",
+    rt = job.tool_stage(2, "grpo", "after GRPO = final (tools on)", "after GRPO",
                         stages.grpo_stage, rt)
     final = next(t for t in reversed(job.table) if not t.get("not_run"))
     # the final model with its tool disabled (same prompt, every call refused)

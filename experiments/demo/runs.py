@@ -17,6 +17,7 @@ def open_run(demo_dir: str, stage: str):
     import ml_collections
 
     from data_pipelines import tokenizer as tok_lib
+    from experiments.configs import demo as demo_configs
 
     results_path = os.path.join(demo_dir, "results.json")
     ckpt_dir = os.path.join(demo_dir, stage, "checkpoints")
@@ -30,7 +31,16 @@ def open_run(demo_dir: str, stage: str):
     with open(results_path) as f:
         res = json.load(f)
     tok = tok_lib.load_tokenizer(os.path.join(demo_dir, "tokenizer"))
-    return res, ml_collections.ConfigDict(res["config"]), tok, ckpt_dir
+    return res, ml_collections.ConfigDict(_known(res["config"], demo_configs.get_config(
+        res["config"].get("preset", "default")).to_dict())), tok, ckpt_dir
+
+
+def _known(recorded: dict, today: dict) -> dict:
+    """A recorded run's config without the fields today's code no longer has (removed
+    options, e.g. synthetic.oracle_text): no run of today's code can honour them, and the
+    run's data, read from its directory, are what they made."""
+    return {k: _known(v, today[k]) if isinstance(v, dict) and isinstance(today[k], dict) else v
+            for k, v in recorded.items() if k in today}
 
 
 def restore_params(ckpt_dir: str, cfg, rt):

@@ -26,7 +26,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vrthinker_jax import distributed, sharding
-from vrthinker_jax.models import model as model_lib
 from vrthinker_jax.rollout import chat, memory, protocol, sampler
 from vrthinker_jax.rollout import environment as env_lib
 from vrthinker_jax.rollout import shapes as shapes_lib
@@ -168,9 +167,11 @@ class RolloutEngine:
         self.model_cfg = model_cfg
         self.tok = tokenizer
         self.pcfg = protocol_cfg
-        self.scfg = sampling_cfg
         self.mesh = mesh
         self.rules = sharding.freeze_rules(rules)
+        # mesh and rules are fixed for the engine's life: one layout for every insert
+        self._segment_shardings = (None if mesh is None else
+                                   shapes_lib.segment_shardings(mesh, self.rules))
         self.frame_size = tuple(int(x) for x in frame_size)
         self.shapes = rollout_shapes(model_cfg, tokenizer, protocol_cfg, sampling_cfg,
                                      self.frame_size)
@@ -222,7 +223,7 @@ class RolloutEngine:
         """The segment's arrays on device in one transfer (split over the batch on a mesh)."""
         if self.mesh is None:
             return jax.device_put(seg)
-        return distributed.put_rows(seg, shapes_lib.segment_shardings(self.mesh, self.rules))
+        return distributed.put_rows(seg, self._segment_shardings)
 
     def _rows(self, *arrays, row_dims=None):
         """This process's rows of global arrays (all of them with one process)."""
@@ -235,9 +236,7 @@ class RolloutEngine:
             self.model_cfg, batch, self.static, self.cache_dtype), self.rules)
 
     def _init_state(self, batch: int, rng):
-        return sampler.init_state(
-            model_lib.init_cache, self.model_cfg, batch, self.static, rng, self.cache_dtype
-        )
+        return shapes_lib.init_state(self.model_cfg, batch, self.static, self.cache_dtype, rng)
 
     @functools.cached_property
     def _init_fns(self) -> dict:

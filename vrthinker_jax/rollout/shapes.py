@@ -11,6 +11,7 @@ of config values; nothing here runs the model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -31,7 +32,6 @@ class RolloutShapes:
       engine measures it with its tokenizer);
     prompt_buckets: static prompt-insert lengths, increasing (a prompt pads up to the next);
     prompt_frames: frames of the prompt insert (both videos' initial frames);
-    response_frames: frames of a response insert at most (max_frames_per_call);
     bank_frames: candidate frames in a row's frame bank, both videos;
     frame_size: (H, W) pixels of a bank frame; patch: how a frame becomes patches;
     window: frame occurrences the memory window holds (W);
@@ -42,7 +42,6 @@ class RolloutShapes:
     response_len: int
     prompt_buckets: tuple[int, ...]
     prompt_frames: int
-    response_frames: int
     bank_frames: int
     frame_size: tuple[int, int]
     patch: frame_bank.PatchSpec
@@ -100,7 +99,6 @@ def rollout_shapes(model_cfg, protocol_cfg: protocol.ProtocolConfig, sampling_cf
     return RolloutShapes(
         max_len=max_len, response_len=int(response_len), prompt_buckets=buckets,
         prompt_frames=len(protocol.initial_frames(protocol_cfg)),
-        response_frames=int(protocol_cfg.max_frames_per_call),
         bank_frames=int(protocol_cfg.total_frames), frame_size=(h, w),
         patch=frame_bank.PatchSpec.from_model_config(model_cfg),
         window=int(protocol_cfg.memory_window),
@@ -132,14 +130,19 @@ def sampler_static(shapes: RolloutShapes, sampling_cfg, *,
 # --------------------------------------------------------------------------- layout on a mesh
 
 
+def init_state(model_cfg, rows: int, static: sampler.Static, cache_dtype,
+               rng) -> sampler.RolloutState:
+    """An empty `sampler.RolloutState` of `rows` rows (the KV cache
+    [layers, rows, kv_heads, S, head_dim] in cache_dtype; S = static.size): what the engine
+    starts every rollout from."""
+    return sampler.init_state(model_lib.init_cache, model_cfg, rows, static, rng, cache_dtype)
+
+
 def abstract_state(model_cfg, rows: int, static: sampler.Static,
                    cache_dtype) -> sampler.RolloutState:
-    """ShapeDtypeStructs of an empty `sampler.RolloutState` of `rows` rows (the KV cache
-    [layers, rows, kv_heads, S, head_dim] in cache_dtype; S = static.size)."""
+    """ShapeDtypeStructs of `init_state` (the planner's and the engine's shardings)."""
     return jax.eval_shape(
-        lambda k: sampler.init_state(model_lib.init_cache, model_cfg, rows, static, k,
-                                     cache_dtype),
-        jax.random.key(0))
+        functools.partial(init_state, model_cfg, rows, static, cache_dtype), jax.random.key(0))
 
 
 def state_shardings(mesh: Mesh, state: sampler.RolloutState,

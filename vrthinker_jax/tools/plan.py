@@ -1444,8 +1444,7 @@ def eval_shapes(cfg, traj: Trajectory):
     tc, first = cfg.trajectory, traj.prefills[0]
     return shapes.RolloutShapes(
         max_len=resolve_kv_slots(cfg.sampling, traj), response_len=traj.scratch,
-        prompt_buckets=(first.static,), prompt_frames=first.groups,
-        response_frames=int(tc.frames_per_call), bank_frames=traj.bank_frames,
+        prompt_buckets=(first.static,), prompt_frames=first.groups, bank_frames=traj.bank_frames,
         frame_size=traj.image_hw, patch=frame_bank.PatchSpec.from_model_config(cfg.model),
         window=int(tc.frames_per_call), max_new_tokens=RELEASE_KV_SLOTS,
         max_turn_tokens=int(tc.max_turn_tokens))
@@ -1736,9 +1735,7 @@ def main(argv=None) -> int:
             return _no_libtpu()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU, run nothing on it
         cfg = cli.load_config(args.config, args.overrides, PlanError)
-        # an SFT config has no sampling block (no rollout to plan)
-        cache_dtype = args.cache_dtype or (cfg.sampling.cache_dtype if "sampling" in cfg
-                                           else "float32")
+        cache_dtype = args.cache_dtype or cfg.sampling.cache_dtype
         header, plans, tips = make_plan(cfg, topo, cache_dtype=cache_dtype,
                                         programs=tuple(p for p in args.only.split(",") if p))
     except PlanError as e:

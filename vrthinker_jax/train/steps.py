@@ -373,7 +373,7 @@ STEPS = {"sft": sft_step, "grpo": grpo_step}
 
 
 def compile_step(fn, state: TrainState, batch_like: dict, *, mesh: Mesh | None = None,
-                 donate: bool = True, rules=sharding.DEFAULT_RULES):
+                 donate: bool = True, rules):
     """jax.jit of a `(state, batch) -> (state, metrics)` step.
 
     With a mesh, the state is laid out by its logical axes and the batch split over the batch
@@ -417,8 +417,7 @@ def step_fn(kind: str, *, graphdef, spec: StepSpec, optimizer: ml_collections.Co
     return _COMPILED[key]
 
 
-def place_state(state: TrainState, mesh: Mesh | None,
-                rules=sharding.DEFAULT_RULES) -> TrainState:
+def place_state(state: TrainState, mesh: Mesh | None, rules) -> TrainState:
     """Puts the state on the mesh by its logical axes under `rules` (no-op without a mesh).
 
     The placed arrays never share buffers with `state`: the step functions donate the placed
@@ -443,7 +442,7 @@ def place_state(state: TrainState, mesh: Mesh | None,
     return jax.tree.map(own, state, placed)
 
 
-def put_batch(batch: dict, mesh: Mesh | None, rules=sharding.DEFAULT_RULES) -> dict:
+def put_batch(batch: dict, mesh: Mesh | None, rules) -> dict:
     """This process's host rows -> global device arrays of the keys a step reads, split over
     the mesh's batch axes (of `rules`) when given (`distributed.put_rows`: in a run of P
     processes each passes its own rows and the global batch is their concatenation); other
